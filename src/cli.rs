@@ -1,0 +1,722 @@
+//! Command-line handlers on the embedded default: a local state dir and file locks.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::lock::FileLock;
+use crate::mount::{probe, SysMounter};
+use crate::ops::{Engine, Released, Restored};
+use crate::store::commit::NotPublished;
+use crate::store::squash::DEFAULT_MAX_DEPTH;
+use crate::store::{atomic, CacheKey, LayerId, Layout, NewVolume, OnStale, Owner, Policy, Store, VolumeId};
+
+/// A persistent, copy-on-write build cache mounted with overlayfs.
+#[derive(Debug, Parser)]
+#[command(name = "jobcachefs", version, about)]
+pub struct Cli {
+    /// Where caches, layers and volumes live (one filesystem that can hold overlay uppers).
+    #[arg(long, global = true, env = "JOBCACHEFS_STATE_DIR", default_value = "/var/lib/jobcachefs")]
+    pub state_dir: PathBuf,
+    /// Log filter (RUST_LOG syntax); RUST_LOG wins when set.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log_level: String,
+    /// How long a publish waits for the cache's lock.
+    #[arg(long, global = true, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lock_timeout: Duration,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount a cache, run a command in it, publish what it changed.
+    Run(RunArgs),
+    /// Mount a cache on PATH (first half of `run`, for CI runners).
+    Mount(MountArgs),
+    /// Unmount the cache at PATH and publish what changed (second half of `run`).
+    Release(ReleaseArgs),
+    /// Inspect and maintain caches.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+/// Which cache and how it may publish.
+#[derive(Debug, Clone, Args)]
+pub struct VolumeArgs {
+    /// The cache's name.
+    #[arg(long = "cache")]
+    pub cache: String,
+    /// The cache's namespace.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Start from an empty cache; a publish replaces its content.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Never publish this volume's changes.
+    #[arg(long)]
+    pub no_publish: bool,
+    /// Caches to restore from while this one has no version (NAME or NAMESPACE/NAME; repeat or comma-separate).
+    #[arg(long = "fallback", value_delimiter = ',')]
+    pub fallbacks: Vec<String>,
+    /// When the cache moved on meanwhile: skip the publish, or stack the change on top.
+    #[arg(long, default_value = "skip", value_parser = parse_on_stale)]
+    pub on_stale: OnStale,
+    /// Do not publish a change bigger than this (e.g. 500MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub max_bytes: Option<u64>,
+}
+
+/// `jobcachefs run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub volume: VolumeArgs,
+    /// Publish even when the command fails.
+    #[arg(long)]
+    pub publish_on_failure: bool,
+    /// Do not start a background squash when the cache gets deep.
+    #[arg(long)]
+    pub no_maintenance: bool,
+    /// The command and its arguments; it finds the cache in $JOBCACHE_DIR.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// `jobcachefs mount`.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub volume: VolumeArgs,
+    /// Where to mount (created if missing).
+    pub path: PathBuf,
+}
+
+/// `jobcachefs release`.
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    /// A path given to `jobcachefs mount`.
+    pub path: PathBuf,
+    /// Unmount and drop the changes instead of publishing them.
+    #[arg(long)]
+    pub no_publish: bool,
+}
+
+/// `jobcachefs cache ...`.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// List caches: version, depth, size, last use.
+    Ls(JsonArg),
+    /// Show one cache and its layers.
+    Show(CacheArg),
+    /// Evict idle or over-budget caches and delete what nothing uses.
+    Gc(GcArgs),
+    /// Flatten a deep cache into one layer.
+    Squash(SquashArgs),
+    /// Remove a cache (its layers go once no volume uses them).
+    Rm(CacheArg),
+}
+
+/// `--json`.
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A cache named on the command line.
+#[derive(Debug, Args)]
+pub struct CacheArg {
+    /// The cache's name.
+    pub name: String,
+    /// The cache's namespace.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+/// `jobcachefs cache gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Evict caches unused for longer than this (e.g. 7d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_idle: Option<Duration>,
+    /// Evict least recently used caches until the rest fit in this many bytes (e.g. 50GiB).
+    #[arg(long, value_parser = parse_size)]
+    pub budget: Option<u64>,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+/// `jobcachefs cache squash`.
+#[derive(Debug, Args)]
+pub struct SquashArgs {
+    #[command(flatten)]
+    pub cache: CacheArg,
+    /// Squash only when deeper than this many layers.
+    #[arg(long, default_value_t = DEFAULT_MAX_DEPTH)]
+    pub max_depth: usize,
+}
+
+fn parse_on_stale(s: &str) -> Result<OnStale, String> {
+    match s {
+        "skip" => Ok(OnStale::Skip),
+        "stack" => Ok(OnStale::Stack),
+        _ => Err("must be skip or stack".into()),
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|e| format!("not a size like 500MiB: {e}"))
+}
+
+/// A command's failure, printed once as `jobcachefs: <message>`.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// From the engine.
+    #[error(transparent)]
+    Ops(#[from] crate::ops::OpsError),
+    /// From the store.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The state dir's filesystem cannot hold overlay uppers.
+    #[error(transparent)]
+    Probe(#[from] probe::ProbeError),
+    /// Bad input or state the user can fix.
+    #[error("{0}")]
+    Usage(String),
+    /// A file operation of the command line itself.
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+/// Runs the parsed command line and returns the process's exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("jobcachefs: start async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("jobcachefs: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
+    let layout = Layout::new(&cli.state_dir).map_err(crate::store::StoreError::from)?;
+    // Bad names are refused before anything on disk is touched.
+    match &cli.command {
+        Command::Run(RunArgs { volume, .. }) | Command::Mount(MountArgs { volume, .. }) => {
+            cache_key(&volume.namespace, &volume.cache)?;
+            fallbacks(volume)?;
+        }
+        Command::Cache(CacheCommand::Show(c) | CacheCommand::Rm(c))
+        | Command::Cache(CacheCommand::Squash(SquashArgs { cache: c, .. })) => {
+            cache_key(&c.namespace, &c.name)?;
+        }
+        Command::Release(_) | Command::Cache(CacheCommand::Ls(_) | CacheCommand::Gc(_)) => {}
+    }
+    match cli.command {
+        Command::Run(args) => run_command(&cli.state_dir, engine(&layout, cli.lock_timeout, true)?, args).await,
+        Command::Mount(args) => mount_command(engine(&layout, cli.lock_timeout, true)?, args).await,
+        Command::Release(args) => release_command(engine(&layout, cli.lock_timeout, false)?, args).await,
+        Command::Cache(cmd) => {
+            let probe = matches!(cmd, CacheCommand::Squash(_));
+            cache_command(engine(&layout, cli.lock_timeout, probe)?, cmd).await
+        }
+    }
+}
+
+/// Opens the store and, for commands that mount, checks once per filesystem that it holds uppers.
+fn engine(layout: &Layout, lock_timeout: Duration, check_mounts: bool) -> Result<Engine, CliError> {
+    let store = Store::open(layout.clone())?;
+    if check_mounts {
+        check_filesystem(&store)?;
+    }
+    Ok(Engine::new(store, Arc::new(SysMounter), Arc::new(FileLock::new(layout.clone())), lock_timeout))
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+struct ProbeRecord {
+    device: u64,
+    kernel: String,
+}
+
+fn check_filesystem(store: &Store) -> Result<(), CliError> {
+    use std::os::unix::fs::MetadataExt;
+    let layout = store.layout();
+    let meta = std::fs::metadata(layout.root()).map_err(|source| CliError::Io {
+        op: "stat",
+        path: layout.root().to_path_buf(),
+        source,
+    })?;
+    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let now = ProbeRecord { device: meta.dev(), kernel };
+    if atomic::read_json::<ProbeRecord>(&layout.probe_record()).ok().flatten().as_ref() == Some(&now) {
+        return Ok(());
+    }
+    {
+        // Shared: gc must not sweep the probe's scratch out from under it.
+        let _pin = store.state_lock(false)?;
+        probe::check_overlay_support(&layout.tmp_dir())?;
+    }
+    atomic::write_json(&layout.probe_record(), &now)?;
+    Ok(())
+}
+
+fn policy(args: &VolumeArgs) -> Policy {
+    Policy { publish: !args.no_publish, fresh: args.fresh, on_stale: args.on_stale, max_bytes: args.max_bytes }
+}
+
+fn cache_key(namespace: &str, name: &str) -> Result<CacheKey, CliError> {
+    Ok(CacheKey::new(namespace, name).map_err(crate::store::StoreError::from)?)
+}
+
+fn fallbacks(args: &VolumeArgs) -> Result<Vec<CacheKey>, CliError> {
+    args.fallbacks
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| match s.split_once('/') {
+            Some((ns, name)) => cache_key(ns, name),
+            None => cache_key(&args.namespace, s),
+        })
+        .collect()
+}
+
+fn new_volume_id(prefix: &str) -> VolumeId {
+    // A layer id is 8 random [a-z0-9] characters: a valid volume id suffix too.
+    VolumeId::new(format!("{prefix}-{}", LayerId::generate())).expect("prefix and random suffix are valid")
+}
+
+fn describe_restore(r: &Restored) -> String {
+    let v = &r.volume;
+    let mut line = if v.policy.fresh {
+        format!("restored {} fresh (empty)", v.cache)
+    } else if v.base.layers.is_empty() {
+        format!("restored {} empty (no version yet)", v.cache)
+    } else {
+        format!(
+            "restored {} v{} ({} layers, {} files, {})",
+            v.base.from,
+            v.base.from_version,
+            v.base.layers.len(),
+            r.files,
+            bytesize::ByteSize(r.bytes).display().iec()
+        )
+    };
+    if v.base.from != v.cache {
+        line.push_str(&format!(" as fallback for {}", v.cache));
+    }
+    line
+}
+
+fn describe_release(r: &Released, policy: &Policy, command_failed: Option<i32>) -> String {
+    match (r, command_failed) {
+        (Released::NotPublished { why: NotPublished::NotAllowed }, Some(code)) if policy.publish => {
+            format!("not published: the command failed (exit status {code}); --publish-on-failure publishes anyway")
+        }
+        (Released::NotPublished { why: NotPublished::NotAllowed }, _) => "not published: --no-publish".to_string(),
+        (other, _) => other.to_string(),
+    }
+}
+
+async fn run_command(state_dir: &Path, engine: Engine, args: RunArgs) -> Result<ExitCode, CliError> {
+    let cache = cache_key(&args.volume.namespace, &args.volume.cache)?;
+    let id = new_volume_id("run");
+    let target = engine.store().layout().mount_dir(&id);
+    std::fs::create_dir_all(&target).map_err(|source| CliError::Io {
+        op: "create directory",
+        path: target.clone(),
+        source,
+    })?;
+    let policy = policy(&args.volume);
+    let req = NewVolume {
+        id: id.clone(),
+        cache: cache.clone(),
+        policy: policy.clone(),
+        fallbacks: fallbacks(&args.volume)?,
+        mount_path: Some(target.clone()),
+        owner: Owner::current(),
+    };
+    let restored = match engine.restore(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir(&target);
+            return Err(e.into());
+        }
+    };
+    let status = run_child(&args.command, &target).await;
+    let (code, failed) = match &status {
+        Ok(code) => (*code, (*code != 0).then_some(*code)),
+        Err(e) => {
+            eprintln!("jobcachefs: {e}");
+            (127, Some(127))
+        }
+    };
+    let allow = failed.is_none() || args.publish_on_failure;
+    let published = match engine.release(&id, allow).await {
+        Ok(Some(released)) => {
+            let _ = std::fs::remove_dir(&target);
+            maybe_squash(state_dir, &cache, &released, args.no_maintenance);
+            describe_release(&released, &policy, failed)
+        }
+        Ok(None) => "not published: the volume disappeared".to_string(),
+        // A cache never fails a job: report and keep the job's exit status.
+        Err(e) => format!("not published: {e}"),
+    };
+    eprintln!("jobcachefs: {}; {}", describe_restore(&restored), published);
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// Runs the job with the cache in $JOBCACHE_DIR; returns its exit code (128+N for signal N).
+async fn run_child(command: &[String], dir: &Path) -> Result<i32, CliError> {
+    use std::os::unix::process::ExitStatusExt;
+    use tokio::signal::unix::{signal, SignalKind};
+    let (program, rest) = command.split_first().ok_or_else(|| CliError::Usage("no command given after --".into()))?;
+    let mut child = tokio::process::Command::new(program)
+        .args(rest)
+        .env("JOBCACHE_DIR", dir)
+        .spawn()
+        .map_err(|source| CliError::Io { op: "start command", path: PathBuf::from(program), source })?;
+    let io_err = |source| CliError::Io { op: "wait for", path: PathBuf::from(program), source };
+    // The terminal delivers ^C to the job too; we stay alive to unmount and report.
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(io_err)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(io_err)?;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.map_err(io_err)?,
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {
+                if let Some(pid) = child.id() {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+                }
+            }
+        }
+    };
+    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// Starts a detached `cache squash` when the cache got deep, so the job does not wait for it.
+fn maybe_squash(state_dir: &Path, cache: &CacheKey, released: &Released, disabled: bool) {
+    let Released::Committed { depth, .. } = released else { return };
+    if disabled || *depth <= DEFAULT_MAX_DEPTH {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let spawned = std::process::Command::new(exe)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["cache", "squash", "--namespace", cache.namespace.as_str(), cache.name.as_str()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start background squash");
+    }
+}
+
+async fn mount_command(engine: Engine, args: MountArgs) -> Result<ExitCode, CliError> {
+    let cache = cache_key(&args.volume.namespace, &args.volume.cache)?;
+    std::fs::create_dir_all(&args.path).map_err(|source| CliError::Io {
+        op: "create directory",
+        path: args.path.clone(),
+        source,
+    })?;
+    let path = std::fs::canonicalize(&args.path).map_err(|source| CliError::Io {
+        op: "resolve",
+        path: args.path.clone(),
+        source,
+    })?;
+    if let Some(existing) = engine.volume_at(&path).await? {
+        return Err(CliError::Usage(format!(
+            "{} already holds volume {} of cache {}; release it first",
+            path.display(),
+            existing.id,
+            existing.cache
+        )));
+    }
+    let req = NewVolume {
+        id: new_volume_id("mnt"),
+        cache,
+        policy: policy(&args.volume),
+        fallbacks: fallbacks(&args.volume)?,
+        mount_path: Some(path.clone()),
+        owner: None,
+    };
+    let restored = engine.restore(req).await?;
+    println!("jobcachefs: {} at {}", describe_restore(&restored), path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn release_command(engine: Engine, args: ReleaseArgs) -> Result<ExitCode, CliError> {
+    let path = std::fs::canonicalize(&args.path).map_err(|source| CliError::Io {
+        op: "resolve",
+        path: args.path.clone(),
+        source,
+    })?;
+    let volume = engine
+        .volume_at(&path)
+        .await?
+        .ok_or_else(|| CliError::Usage(format!("no jobcachefs volume is mounted at {}", path.display())))?;
+    let released = engine.release(&volume.id, !args.no_publish).await?;
+    let line = match released {
+        Some(r) => {
+            let no_publish = Policy { publish: volume.policy.publish && !args.no_publish, ..volume.policy.clone() };
+            describe_release(&r, &no_publish, None)
+        }
+        None => "not published: the volume was already released".to_string(),
+    };
+    println!("jobcachefs: released {} from {}; {line}", volume.cache, path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Usage(format!("encode JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn age(unix: u64) -> String {
+    if unix == 0 {
+        return "never".into();
+    }
+    let secs = crate::store::head::now_unix().saturating_sub(unix);
+    format!(
+        "{} ago",
+        humantime::format_duration(Duration::from_secs(secs)).to_string().split(' ').next().unwrap_or("0s")
+    )
+}
+
+async fn cache_command(engine: Engine, cmd: CacheCommand) -> Result<ExitCode, CliError> {
+    let store = engine.store().clone();
+    match cmd {
+        CacheCommand::Ls(json) => {
+            let mut infos = Vec::new();
+            for key in store.caches()? {
+                let info = store.cache_info(&key)?;
+                if info.version > 0 || info.volumes > 0 {
+                    infos.push(info);
+                }
+            }
+            if json.json {
+                print_json(&infos)?;
+            } else {
+                println!(
+                    "{:<40} {:>7} {:>5} {:>11} {:>9} {:>8} {:>12}",
+                    "CACHE", "VERSION", "DEPTH", "SIZE", "FILES", "VOLUMES", "LAST USED"
+                );
+                for i in infos {
+                    println!(
+                        "{:<40} {:>7} {:>5} {:>11} {:>9} {:>8} {:>12}",
+                        i.cache.to_string(),
+                        i.version,
+                        i.layers.len(),
+                        bytesize::ByteSize(i.bytes).display().iec().to_string(),
+                        i.files,
+                        i.volumes,
+                        age(i.last_used_unix)
+                    );
+                }
+            }
+        }
+        CacheCommand::Show(arg) => {
+            let key = cache_key(&arg.namespace, &arg.name)?;
+            let info = store.cache_info(&key)?;
+            let mut layers = Vec::new();
+            for id in &info.layers {
+                layers.push(store.layer(id)?);
+            }
+            if arg.json.json {
+                #[derive(Serialize)]
+                struct Show<'a> {
+                    #[serde(flatten)]
+                    info: &'a crate::store::CacheInfo,
+                    layer_records: &'a [Option<crate::store::LayerRecord>],
+                }
+                print_json(&Show { info: &info, layer_records: &layers })?;
+            } else if info.version == 0 {
+                println!("cache {key}: no version yet ({} volumes in use)", info.volumes);
+            } else {
+                println!(
+                    "cache {key}: version {}, {} layers, {}, {} files, {} volumes in use, last used {}",
+                    info.version,
+                    info.layers.len(),
+                    bytesize::ByteSize(info.bytes).display().iec(),
+                    info.files,
+                    info.volumes,
+                    age(info.last_used_unix)
+                );
+                println!("layers, bottom to top:");
+                for (id, rec) in info.layers.iter().zip(&layers) {
+                    match rec {
+                        Some(r) => println!(
+                            "  {id}  {:<6} {:>11} {:>9} files  {}",
+                            format!("{:?}", r.kind).to_lowercase(),
+                            bytesize::ByteSize(r.bytes).display().iec().to_string(),
+                            r.files,
+                            age(r.created_unix)
+                        ),
+                        None => println!("  {id}  (no record)"),
+                    }
+                }
+            }
+        }
+        CacheCommand::Gc(args) => {
+            let bar = progress_bar("collecting garbage");
+            let (evicted, report) = engine.collect(args.max_idle, args.budget).await?;
+            bar.finish_and_clear();
+            if args.json.json {
+                #[derive(Serialize)]
+                struct Gc<'a> {
+                    evicted: &'a [CacheKey],
+                    #[serde(flatten)]
+                    report: &'a crate::store::gc::GcReport,
+                }
+                print_json(&Gc { evicted: &evicted, report: &report })?;
+            } else {
+                println!(
+                    "evicted {} caches, removed {} layers ({}), reclaimed {} volumes, cleared {} scratch entries",
+                    evicted.len(),
+                    report.layers_removed.len(),
+                    bytesize::ByteSize(report.bytes_freed).display().iec(),
+                    report.volumes_reclaimed.len(),
+                    report.scratch_removed
+                );
+                for d in &report.deferred {
+                    println!("deferred: {d}");
+                }
+            }
+        }
+        CacheCommand::Squash(args) => {
+            let key = cache_key(&args.cache.namespace, &args.cache.name)?;
+            let bar = progress_bar("squashing");
+            let tick = bar.clone();
+            let outcome = engine
+                .squash(
+                    &key,
+                    args.max_depth,
+                    Box::new(move |s| {
+                        tick.set_message(format!(
+                            "squashing: {} files, {}",
+                            s.files,
+                            bytesize::ByteSize(s.bytes).display().iec()
+                        ))
+                    }),
+                )
+                .await?;
+            bar.finish_and_clear();
+            // The replaced layers are garbage now unless a volume still pins them.
+            let (_, report) = engine.collect(None, None).await?;
+            if args.cache.json.json {
+                print_json(&outcome)?;
+            } else {
+                use crate::store::squash::SquashOutcome::*;
+                match outcome {
+                    Squashed { version, replaced, depth } => println!(
+                        "cache {key}: squashed {replaced} layers of v{version} into one (depth now {depth}); freed {}",
+                        bytesize::ByteSize(report.bytes_freed).display().iec()
+                    ),
+                    Shallow { depth } => {
+                        println!("cache {key}: {depth} layers, not deeper than {}; nothing to do", args.max_depth)
+                    }
+                    Lost => println!("cache {key}: changed while squashing (or has no version); nothing replaced"),
+                }
+            }
+        }
+        CacheCommand::Rm(arg) => {
+            let key = cache_key(&arg.namespace, &arg.name)?;
+            let (removed, report) = remove_cache(&engine, &key).await?;
+            if arg.json.json {
+                print_json(
+                    &serde_json::json!({"cache": key, "removed": removed, "layers_removed": report.layers_removed.len()}),
+                )?;
+            } else if removed {
+                println!("cache {key}: removed; freed {}", bytesize::ByteSize(report.bytes_freed).display().iec());
+            } else {
+                println!("cache {key}: no such cache; nothing removed");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn remove_cache(engine: &Engine, key: &CacheKey) -> Result<(bool, crate::store::gc::GcReport), CliError> {
+    let removed = engine.remove_cache(key).await?;
+    let (_, report) = engine.collect(None, None).await?;
+    Ok((removed, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_takes_the_command_after_double_dash() {
+        let cli = Cli::try_parse_from([
+            "jobcachefs",
+            "run",
+            "--cache",
+            "m2",
+            "--fallback",
+            "main,other/x",
+            "--",
+            "mvn",
+            "-q",
+            "package",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else { panic!("not run") };
+        assert_eq!(args.command, ["mvn", "-q", "package"]);
+        let fb = fallbacks(&args.volume).unwrap();
+        assert_eq!(fb[0].to_string(), "default/main");
+        assert_eq!(fb[1].to_string(), "other/x");
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let err = Cli::try_parse_from(["jobcachefs", "run", "--cache", "m", "--on-stale", "merge", "--", "true"])
+            .unwrap_err();
+        assert!(err.to_string().contains("--on-stale"), "{err}");
+        let err =
+            Cli::try_parse_from(["jobcachefs", "mount", "--cache", "m", "--max-bytes", "lots", "/x"]).unwrap_err();
+        assert!(err.to_string().contains("--max-bytes"), "{err}");
+        let cli = Cli::try_parse_from(["jobcachefs", "mount", "--cache", "m", "--max-bytes", "500MiB", "/x"]).unwrap();
+        let Command::Mount(args) = cli.command else { panic!("not mount") };
+        assert_eq!(args.volume.max_bytes, Some(500 * 1024 * 1024));
+    }
+
+    #[test]
+    fn bad_cache_names_are_refused_with_the_rule() {
+        let err = cache_key("default", "../etc").unwrap_err();
+        assert!(err.to_string().contains("cache name \"../etc\" is invalid"), "{err}");
+    }
+}

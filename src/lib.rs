@@ -1,0 +1,10 @@
+//! jobcachefs: a persistent, copy-on-write build cache mounted with overlayfs.
+// Errors carry their context (cache, volume, path) by design and sit on the cold path.
+#![allow(clippy::result_large_err)]
+
+pub mod cli;
+pub mod failpoint;
+pub mod lock;
+pub mod mount;
+pub mod ops;
+pub mod store;

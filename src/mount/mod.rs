@@ -1,0 +1,85 @@
+//! Overlay and bind mounts, mount-point look-ups from mountinfo, and the start-up probe.
+//!
+//! Everything that calls mount(2)/umount2(2) sits behind [`Mounter`] so handlers can be
+//! unit-tested on a recording double that asserts the exact mount sequence.
+
+pub mod info;
+pub mod probe;
+#[cfg(test)]
+pub mod record;
+pub mod sys;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub use info::MountEntry;
+pub use sys::SysMounter;
+
+/// What to stack in an overlay mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlaySpec {
+    /// Read-only lower layers, top first (the order `lowerdir=` takes).
+    pub lower: Vec<PathBuf>,
+    /// Writable upper and work directories; `None` mounts a read-only overlay.
+    pub upper: Option<UpperDirs>,
+}
+
+/// The writable half of an overlay mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpperDirs {
+    /// Where changes land.
+    pub upper: PathBuf,
+    /// Overlay's scratch directory, on the same filesystem as `upper`.
+    pub work: PathBuf,
+}
+
+/// The result of an unmount that did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmounted {
+    /// Something was mounted there and now is not.
+    Done,
+    /// Nothing was mounted there (a repeated teardown).
+    NotMounted,
+}
+
+/// Mount errors, each naming the path it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// mount(2) of an overlay failed.
+    #[error("mount overlay on {target}: {source}")]
+    Overlay { target: PathBuf, source: io::Error },
+    /// The overlay option string does not fit in the one page mount(2) accepts.
+    #[error("overlay options for {target} take {len} bytes, over the {limit}-byte limit of mount(2): squash the cache or use a shorter state dir")]
+    OptionsTooLong { target: PathBuf, len: usize, limit: usize },
+    /// A path cannot be used in overlay options (`,` `:` `\` or a NUL in it).
+    #[error("path {path} cannot be used as an overlay directory: it contains ',', ':', '\\' or NUL")]
+    UnsafePath { path: PathBuf },
+    /// mount(2) of a bind mount, or its read-only remount, failed.
+    #[error("bind mount {source_path} on {target}: {source}")]
+    Bind { source_path: PathBuf, target: PathBuf, source: io::Error },
+    /// The mount is still in use; the caller should retry once it is closed.
+    #[error("unmount {target}: busy, a process still uses it; retry once it is closed")]
+    Busy { target: PathBuf },
+    /// umount2(2) failed for another reason.
+    #[error("unmount {target}: {source}")]
+    Unmount { target: PathBuf, source: io::Error },
+    /// /proc/self/mountinfo could not be read.
+    #[error("read {path}: {source}")]
+    MountInfo { path: PathBuf, source: io::Error },
+    /// A path to look up could not be resolved.
+    #[error("resolve {path}: {source}")]
+    Resolve { path: PathBuf, source: io::Error },
+}
+
+/// The mount operations jobcachefs needs; the real one is [`SysMounter`].
+pub trait Mounter: Send + Sync {
+    /// Mounts an overlay of `spec` on `target`.
+    fn overlay(&self, spec: &OverlaySpec, target: &Path) -> Result<(), MountError>;
+    /// Bind-mounts `source` on `target`, read-only when asked (bind, then remount read-only;
+    /// the bind is undone if the remount fails).
+    fn bind(&self, source: &Path, target: &Path, readonly: bool) -> Result<(), MountError>;
+    /// Unmounts `target` without forcing or detaching; a busy mount is [`MountError::Busy`].
+    fn unmount(&self, target: &Path) -> Result<Unmounted, MountError>;
+    /// The mount whose mount point is exactly `path` (the topmost one), if any.
+    fn mount_at(&self, path: &Path) -> Result<Option<MountEntry>, MountError>;
+}

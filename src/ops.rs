@@ -1,0 +1,305 @@
+//! Restore and release: the one place the commit protocol is put together from the store,
+//! the mounter and the publish lock. The command line and the CSI services both call it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::Span;
+
+use crate::lock::{LockError, PublishLock};
+use crate::mount::{MountError, Mounter, OverlaySpec, UpperDirs};
+use crate::store::commit::{Advanced, NotPublished, Prepared};
+use crate::store::gc::GcReport;
+use crate::store::squash::SquashOutcome;
+use crate::store::tree::TreeStats;
+use crate::store::{CacheKey, NewVolume, Store, StoreError, VolumeId, VolumeRecord};
+
+/// Errors of a restore or release, with the volume they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A mount or unmount failed.
+    #[error("volume {volume}: {source}")]
+    Mount { volume: VolumeId, source: MountError },
+    /// The publish lock could not be had; the volume is kept so a retry resumes.
+    #[error("volume {volume}: {source}; the change is kept, retry the release")]
+    Lock { volume: VolumeId, source: LockError },
+    /// Maintenance could not get a cache's publish lock.
+    #[error("cache {cache}: {source}")]
+    CacheLock { cache: CacheKey, source: LockError },
+    /// A restore was asked without a place to mount.
+    #[error("volume {0}: no mount path given")]
+    NoMountPath(VolumeId),
+    /// A blocking task died.
+    #[error("internal: blocking task failed: {0}")]
+    Join(String),
+}
+
+/// What a restore mounted.
+#[derive(Debug, Clone, Serialize)]
+pub struct Restored {
+    /// The volume's record.
+    pub volume: VolumeRecord,
+    /// Entries in the restored layers (by their records).
+    pub files: u64,
+    /// Bytes in the restored layers.
+    pub bytes: u64,
+}
+
+/// How a release ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum Released {
+    /// HEAD advanced to `version`.
+    Committed { version: u64, depth: usize, bytes: u64, files: u64 },
+    /// HEAD had moved past the volume's base; the delta was dropped.
+    Stale { base: u64, current: u64 },
+    /// Nothing was published.
+    NotPublished { why: NotPublished },
+}
+
+impl std::fmt::Display for Released {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Released::Committed { version, bytes, files, .. } => {
+                write!(f, "published v{version} ({}, {files} files)", bytesize::ByteSize(*bytes).display().iec())
+            }
+            Released::Stale { base, current } => {
+                write!(f, "not published: skipped: base {base} is stale, current is {current}")
+            }
+            Released::NotPublished { why: NotPublished::NotAllowed } => {
+                write!(f, "not published: publishing is not allowed for this volume")
+            }
+            Released::NotPublished { why: NotPublished::Unchanged } => write!(f, "not published: nothing changed"),
+            Released::NotPublished { why: NotPublished::TooBig { bytes, max_bytes } } => write!(
+                f,
+                "not published: {} changed, over maxBytes {}",
+                bytesize::ByteSize(*bytes).display().iec(),
+                bytesize::ByteSize(*max_bytes).display().iec()
+            ),
+        }
+    }
+}
+
+/// The store, a mounter and a publish lock, wired together.
+#[derive(Clone)]
+pub struct Engine {
+    store: Store,
+    mounter: Arc<dyn Mounter>,
+    lock: Arc<dyn PublishLock>,
+    lock_timeout: Duration,
+}
+
+/// Runs blocking store or mount work off the async threads, inside the caller's span.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, OpsError> + Send + 'static) -> Result<T, OpsError> {
+    let span = Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f)).await.map_err(|e| OpsError::Join(e.to_string()))?
+}
+
+/// Unmounts, riding out the brief EBUSY a process forking elsewhere can cause by holding a
+/// copy of an fd inside the mount until it execs. Never lazily: a mount still busy after
+/// that is an error the caller retries, with the upper intact.
+fn unmount_patiently(mounter: &dyn Mounter, path: &Path) -> Result<(), MountError> {
+    let mut attempt = 0;
+    loop {
+        match mounter.unmount(path) {
+            Err(MountError::Busy { .. }) if attempt < BUSY_RETRIES => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.map(|_| ()),
+        }
+    }
+}
+
+/// Tries of a busy unmount before reporting it.
+const BUSY_RETRIES: u32 = 5;
+
+impl Engine {
+    /// Wires an engine.
+    pub fn new(store: Store, mounter: Arc<dyn Mounter>, lock: Arc<dyn PublishLock>, lock_timeout: Duration) -> Self {
+        Self { store, mounter, lock, lock_timeout }
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Pins the cache's current version in a new volume and mounts it at `req.mount_path`.
+    /// Repeating it for a volume already mounted there changes nothing.
+    pub async fn restore(&self, req: NewVolume) -> Result<Restored, OpsError> {
+        let this = self.clone();
+        blocking(move || {
+            let target = req.mount_path.clone().ok_or_else(|| OpsError::NoMountPath(req.id.clone()))?;
+            let existed = this.store.volume(&req.id)?.is_some();
+            let record = this.store.create_volume(&req)?;
+            let mounted =
+                this.mounter.mount_at(&target).map_err(|source| OpsError::Mount { volume: req.id.clone(), source })?;
+            if !mounted.is_some_and(|m| m.fstype == "overlay") {
+                let spec = this.overlay_spec(&record);
+                if let Err(source) = this.mounter.overlay(&spec, &target) {
+                    if !existed {
+                        // Nothing was mounted: the new volume would only pin layers forever.
+                        this.store.drop_volume(&req.id)?;
+                    }
+                    return Err(OpsError::Mount { volume: req.id, source });
+                }
+            }
+            let (mut files, mut bytes) = (0, 0);
+            for layer in &record.base.layers {
+                if let Some(rec) = this.store.layer(layer)? {
+                    files += rec.files;
+                    bytes += rec.bytes;
+                }
+            }
+            tracing::info!(cache.namespace = %record.cache.namespace, cache.name = %record.cache.name,
+                head.version = record.base.version, layers = record.base.layers.len(), "restored");
+            Ok(Restored { volume: record, files, bytes })
+        })
+        .await
+    }
+
+    fn overlay_spec(&self, record: &VolumeRecord) -> OverlaySpec {
+        let layout = self.store.layout();
+        OverlaySpec {
+            lower: self.store.lower_dirs(record),
+            upper: Some(UpperDirs { upper: layout.upper_dir(&record.id), work: layout.work_dir(&record.id) }),
+        }
+    }
+
+    /// Unmounts a volume and publishes its changes if allowed (`allow` is the caller's veto),
+    /// then drops it. `Ok(None)` when the volume does not exist (already released).
+    pub async fn release(&self, id: &VolumeId, allow: bool) -> Result<Option<Released>, OpsError> {
+        let this = self.clone();
+        let vid = id.clone();
+        let prepared = blocking(move || {
+            let Some(record) = this.store.volume(&vid)? else { return Ok(None) };
+            if let Some(path) = &record.mount_path {
+                unmount_patiently(this.mounter.as_ref(), path)
+                    .map_err(|source| OpsError::Mount { volume: vid.clone(), source })?;
+            }
+            let prepared = this.store.promote(&vid, allow)?;
+            if let Prepared::Nothing(_) = prepared {
+                this.store.drop_volume(&vid)?;
+            }
+            Ok(Some((record, prepared)))
+        })
+        .await?;
+        let Some((record, prepared)) = prepared else { return Ok(None) };
+        let promoted = match prepared {
+            Prepared::Nothing(why) => {
+                tracing::info!(outcome = ?why, "nothing to publish");
+                return Ok(Some(Released::NotPublished { why }));
+            }
+            Prepared::Publish(p) => p,
+        };
+        let started = std::time::Instant::now();
+        let guard = self
+            .lock
+            .acquire(&record.cache, self.lock_timeout)
+            .await
+            .map_err(|source| OpsError::Lock { volume: id.clone(), source })?;
+        let this = self.clone();
+        let rec = record.clone();
+        let pro = promoted.clone();
+        let held = guard.ensure_held().map_err(|source| OpsError::Lock { volume: id.clone(), source });
+        let advanced = match held {
+            Ok(()) => blocking(move || Ok(this.store.advance_head(&rec, &pro)?)).await,
+            Err(e) => Err(e),
+        };
+        let released = guard.release().await;
+        let advanced = advanced?;
+        released.map_err(|source| OpsError::Lock { volume: id.clone(), source })?;
+        tracing::info!(layer.id = %promoted.layer, locked_ms = started.elapsed().as_millis() as u64, outcome = ?advanced, "commit");
+        let this = self.clone();
+        let vid = id.clone();
+        blocking(move || Ok(this.store.drop_volume(&vid)?)).await?;
+        Ok(Some(match advanced {
+            Advanced::Committed { version, depth } => {
+                Released::Committed { version, depth, bytes: promoted.stats.bytes, files: promoted.stats.files }
+            }
+            Advanced::Stale { base, current } => Released::Stale { base, current },
+        }))
+    }
+
+    /// Flattens a cache deeper than `max_depth` into one layer, then swaps it in under the lock.
+    pub async fn squash(
+        &self,
+        key: &CacheKey,
+        max_depth: usize,
+        progress: Box<dyn FnMut(&TreeStats) + Send>,
+    ) -> Result<SquashOutcome, OpsError> {
+        let this = self.clone();
+        let k = key.clone();
+        let mut progress = progress;
+        let built =
+            blocking(move || Ok(this.store.squash_build(&k, max_depth, this.mounter.as_ref(), &mut *progress)?))
+                .await?;
+        let squashed = match built {
+            Ok(s) => s,
+            Err(outcome) => return Ok(outcome),
+        };
+        let lock_err = |source| OpsError::CacheLock { cache: key.clone(), source };
+        let guard = self.lock.acquire(key, self.lock_timeout).await.map_err(lock_err)?;
+        let this = self.clone();
+        let finished = match guard.ensure_held() {
+            Ok(()) => blocking(move || Ok(this.store.squash_finish(squashed)?)).await,
+            Err(e) => Err(lock_err(e)),
+        };
+        let _ = guard.release().await;
+        finished
+    }
+
+    /// Removes caches idle past `max_idle` or beyond `budget` bytes (least recently used first),
+    /// then collects garbage.
+    pub async fn collect(
+        &self,
+        max_idle: Option<Duration>,
+        budget: Option<u64>,
+    ) -> Result<(Vec<CacheKey>, GcReport), OpsError> {
+        let this = self.clone();
+        let candidates =
+            blocking(move || Ok(this.store.eviction_candidates(max_idle.map(|d| d.as_secs()), budget)?)).await?;
+        let mut evicted = Vec::new();
+        for key in candidates {
+            // A cache being published right now is in use: leave it for the next run.
+            let Ok(guard) = self.lock.acquire(&key, Duration::from_millis(200)).await else { continue };
+            let this = self.clone();
+            let k = key.clone();
+            let removed = blocking(move || Ok(this.store.remove_cache(&k)?)).await;
+            let _ = guard.release().await;
+            if removed? {
+                evicted.push(key);
+            }
+        }
+        let this = self.clone();
+        let report = blocking(move || Ok(this.store.collect(this.mounter.as_ref(), &mut |_| {})?)).await?;
+        Ok((evicted, report))
+    }
+
+    /// Removes a cache's HEAD under its lock; its layers go at the next collection.
+    pub async fn remove_cache(&self, key: &CacheKey) -> Result<bool, OpsError> {
+        let guard = self
+            .lock
+            .acquire(key, self.lock_timeout)
+            .await
+            .map_err(|source| OpsError::CacheLock { cache: key.clone(), source })?;
+        let this = self.clone();
+        let k = key.clone();
+        let removed = blocking(move || Ok(this.store.remove_cache(&k)?)).await;
+        let _ = guard.release().await;
+        removed
+    }
+
+    /// The volume mounted at `path`.
+    pub async fn volume_at(&self, path: &Path) -> Result<Option<VolumeRecord>, OpsError> {
+        let this = self.clone();
+        let path = path.to_path_buf();
+        blocking(move || Ok(this.store.volume_at(&path)?)).await
+    }
+}

@@ -1,0 +1,86 @@
+//! Durable writes: temp file, fsync, rename, fsync the directory.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::StoreError;
+use crate::failpoint;
+
+/// Replaces `path` with `value` as JSON so readers see the old or the new file, never a torn one.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    let dir = path.parent().ok_or_else(|| StoreError::io("write", path, no_parent()))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| StoreError::io("create temp file in", dir, e))?;
+    let body = serde_json::to_vec_pretty(value).map_err(|e| StoreError::io("encode", path, e.into()))?;
+    tmp.write_all(&body)
+        .and_then(|()| tmp.write_all(b"\n"))
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(|e| StoreError::io("write", tmp.path(), e))?;
+    failpoint::hit("atomic.before-rename");
+    tmp.persist(path).map_err(|e| StoreError::io("rename into", path, e.error))?;
+    sync_dir(dir)
+}
+
+/// Reads a JSON file; `Ok(None)` when it does not exist, a `Corrupt` error when it does not parse.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::io("read", path, e)),
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|source| StoreError::Corrupt { path: path.to_path_buf(), source })
+}
+
+/// Makes a rename or unlink inside `dir` durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| StoreError::io("fsync directory", dir, e))
+}
+
+/// Creates a directory and its parents, then makes the new entry durable in its parent.
+pub fn create_dir_durable(dir: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
+    match dir.parent() {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
+fn no_parent() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no parent directory")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_read_replaces_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("head.json");
+        write_json(&path, &vec![1, 2, 3]).unwrap();
+        write_json(&path, &vec![4]).unwrap();
+        let back: Option<Vec<u32>> = read_json(&path).unwrap();
+        assert_eq!(back, Some(vec![4]));
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("head.json")], "no temp files left behind");
+    }
+
+    #[test]
+    fn missing_is_none_and_garbage_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.json");
+        assert_eq!(read_json::<u32>(&path).unwrap(), None);
+        std::fs::write(&path, b"{not json").unwrap();
+        let err = read_json::<u32>(&path).unwrap_err();
+        assert!(err.to_string().contains("is corrupt"), "{err}");
+        assert!(path.exists(), "a corrupt file is reported, never deleted");
+    }
+}

@@ -1,0 +1,172 @@
+//! The commit protocol's store phases: promote a released upper to a layer, then (under
+//! the caller's publish lock) advance HEAD if it still points at the volume's base.
+
+use std::io;
+
+use serde::Serialize;
+
+use super::head::{now_unix, Head};
+use super::layer::{LayerKind, LayerRecord};
+use super::layout::{LayerId, VolumeId};
+use super::tree::{self, TreeStats};
+use super::volume::{OnStale, VolumeRecord};
+use super::{atomic, Store, StoreError};
+use crate::failpoint;
+
+/// Why a released volume publishes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "kebab-case")]
+pub enum NotPublished {
+    /// The volume's policy or the caller forbids publishing.
+    NotAllowed,
+    /// The job changed nothing.
+    Unchanged,
+    /// The delta is bigger than the volume's `maxBytes`.
+    TooBig { bytes: u64, max_bytes: u64 },
+}
+
+/// An upper directory that became a layer and waits for HEAD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Promoted {
+    /// The new layer.
+    pub layer: LayerId,
+    /// What it holds.
+    pub stats: TreeStats,
+}
+
+/// The outcome of the promote phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prepared {
+    /// A layer is ready for HEAD.
+    Publish(Promoted),
+    /// Nothing to publish, and why.
+    Nothing(NotPublished),
+}
+
+/// The outcome of the HEAD phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum Advanced {
+    /// HEAD now points at `version`, `depth` layers deep.
+    Committed { version: u64, depth: usize },
+    /// HEAD moved while the volume was in use; the delta was dropped.
+    Stale { base: u64, current: u64 },
+}
+
+impl Store {
+    /// Turns a released (unmounted) volume's upper into a layer without copying it.
+    /// `allow` is the caller's veto (a failed job); resumes a promote a crash interrupted.
+    pub fn promote(&self, id: &VolumeId, allow: bool) -> Result<Prepared, StoreError> {
+        let mut record = self.volume(id)?.ok_or_else(|| StoreError::VolumeNotFound(id.clone()))?;
+        let upper = self.layout.upper_dir(id);
+        if let Some(layer) = &record.pending {
+            if let Some(done) = self.layer(layer)? {
+                return Ok(Prepared::Publish(Promoted {
+                    layer: layer.clone(),
+                    stats: TreeStats { bytes: done.bytes, files: done.files },
+                }));
+            }
+            let dest = self.layout.layer_dir(layer);
+            if dest.is_dir() && !upper.exists() {
+                // A crash between the rename and the layer record: finish the record.
+                let stats = tree::measure(&dest)?;
+                return self.record_layer(&record, layer.clone(), stats);
+            }
+        }
+        if !(record.policy.publish && allow) {
+            return Ok(Prepared::Nothing(NotPublished::NotAllowed));
+        }
+        if tree::is_empty_dir(&upper)? {
+            return Ok(Prepared::Nothing(NotPublished::Unchanged));
+        }
+        let stats = tree::measure(&upper)?;
+        if let Some(max_bytes) = record.policy.max_bytes {
+            if stats.bytes > max_bytes {
+                return Ok(Prepared::Nothing(NotPublished::TooBig { bytes: stats.bytes, max_bytes }));
+            }
+        }
+        sync_filesystem(&upper)?;
+
+        let _pin = self.state_lock(false)?;
+        let layer = match &record.pending {
+            Some(layer) => layer.clone(),
+            None => {
+                let layer = LayerId::generate();
+                record.pending = Some(layer.clone());
+                // Pin the id before the rename so gc never sees the new layer unreferenced.
+                atomic::write_json(&self.layout.volume_record(id), &record)?;
+                layer
+            }
+        };
+        failpoint::hit("commit.after-pending");
+        let dest = self.layout.layer_dir(&layer);
+        std::fs::rename(&upper, &dest).map_err(|e| StoreError::io("rename upper to layer", &upper, e))?;
+        failpoint::hit("commit.after-rename");
+        self.record_layer(&record, layer, stats)
+    }
+
+    fn record_layer(&self, volume: &VolumeRecord, layer: LayerId, stats: TreeStats) -> Result<Prepared, StoreError> {
+        let layer_record = LayerRecord {
+            id: layer.clone(),
+            cache: volume.cache.clone(),
+            kind: LayerKind::Commit,
+            bytes: stats.bytes,
+            files: stats.files,
+            created_unix: now_unix(),
+            from_volume: Some(volume.id.clone()),
+        };
+        atomic::write_json(&self.layout.layer_record(&layer), &layer_record)?;
+        atomic::sync_dir(&self.layout.volume_dir(&volume.id))?;
+        failpoint::hit("commit.after-layer-record");
+        Ok(Prepared::Publish(Promoted { layer, stats }))
+    }
+
+    /// Points HEAD at base + the promoted layer if HEAD is still the volume's base.
+    /// The caller must hold the cache's publish lock.
+    pub fn advance_head(&self, record: &VolumeRecord, promoted: &Promoted) -> Result<Advanced, StoreError> {
+        let _pin = self.state_lock(false)?;
+        let key = &record.cache;
+        let current = self.head(key)?;
+        let current_version = current.as_ref().map_or(Head::NONE, |h| h.version);
+        let base = record.base.version;
+        let below: Vec<LayerId> = if current_version == base {
+            match (&current, record.policy.fresh) {
+                (_, true) => Vec::new(),
+                // Same version, maybe squashed since: its layers hold the same content.
+                (Some(head), false) => head.layers.clone(),
+                // No version yet: what was restored (a fallback's layers, or nothing).
+                (None, false) => record.base.layers.clone(),
+            }
+        } else if record.policy.on_stale == OnStale::Stack && !record.policy.fresh {
+            current.as_ref().map(|h| h.layers.clone()).unwrap_or_default()
+        } else {
+            self.remove_layer(&promoted.layer)?;
+            return Ok(Advanced::Stale { base, current: current_version });
+        };
+        let mut layers = below;
+        layers.push(promoted.layer.clone());
+        let head = Head { version: current_version + 1, layers, updated_unix: now_unix() };
+        atomic::create_dir_durable(&self.layout.cache_dir(key))?;
+        failpoint::hit("commit.before-head");
+        atomic::write_json(&self.layout.head_path(key), &head)?;
+        failpoint::hit("commit.after-head");
+        self.touch_used(key);
+        Ok(Advanced::Committed { version: head.version, depth: head.layers.len() })
+    }
+
+    /// Deletes a layer no HEAD names (a stale delta, a lost squash).
+    pub(crate) fn remove_layer(&self, layer: &LayerId) -> Result<(), StoreError> {
+        tree::remove_tree(&self.layout.layer_dir(layer))?;
+        match std::fs::remove_file(self.layout.layer_record(layer)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io("remove", self.layout.layer_record(layer), e)),
+        }
+    }
+}
+
+/// Flushes the filesystem holding `path`, so the renamed upper is durable before HEAD names it.
+fn sync_filesystem(path: &std::path::Path) -> Result<(), StoreError> {
+    let dir = std::fs::File::open(path).map_err(|e| StoreError::io("open", path, e))?;
+    nix::unistd::syncfs(&dir).map_err(|e| StoreError::io("syncfs", path, e.into()))
+}

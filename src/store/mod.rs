@@ -1,0 +1,369 @@
+//! The cache store: HEADs, layers and volumes in a state dir. Blocking and concrete;
+//! no gRPC and no Kubernetes. The commit is split into phases so the caller can take
+//! the publish lock between them (see [`commit`]).
+
+pub mod atomic;
+pub mod commit;
+pub mod gc;
+pub mod head;
+pub mod layer;
+pub mod layout;
+pub mod squash;
+pub mod tree;
+pub mod volume;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+pub use head::Head;
+pub use layer::{LayerKind, LayerRecord};
+pub use layout::{CacheKey, LayerId, Layout, Name, NameError, VolumeId};
+pub use volume::{Base, OnStale, Owner, Policy, VolumeRecord};
+
+use head::now_unix;
+
+/// Store errors, each with the cache, volume or path it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A name broke the naming rule.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The state dir path is unusable.
+    #[error(transparent)]
+    StateDir(#[from] layout::StateDirError),
+    /// A file operation failed.
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: io::Error },
+    /// A state file does not parse; it is left in place for a person to look at.
+    #[error("{path} is corrupt ({source}); fix it or remove the cache with `jobcachefs cache rm`")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+    /// A HEAD names a layer that is not on disk.
+    #[error("cache {cache}: head names layer {layer}, which is missing from {path}")]
+    MissingLayer { cache: CacheKey, layer: LayerId, path: PathBuf },
+    /// No such volume.
+    #[error("volume {0} not found")]
+    VolumeNotFound(VolumeId),
+    /// A volume of that id exists with another cache or policy.
+    #[error("volume {id} already exists for cache {existing} with different parameters")]
+    VolumeConflict { id: VolumeId, existing: CacheKey },
+    /// A layer tree could not be measured, copied or removed.
+    #[error(transparent)]
+    Tree(#[from] tree::TreeError),
+    /// Squash could not mount or unmount its read-only view.
+    #[error("squash {cache}: {source}")]
+    SquashMount { cache: CacheKey, source: crate::mount::MountError },
+}
+
+impl StoreError {
+    /// An I/O error with the operation and path it concerns.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Self::Io { op, path: path.into(), source }
+    }
+}
+
+/// A held state-wide lock: shared while pinning or publishing, exclusive while collecting.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] Flock<File>);
+
+/// The cache store over one state dir.
+#[derive(Debug, Clone)]
+pub struct Store {
+    layout: Layout,
+}
+
+/// What to create a volume from.
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    /// The volume's id.
+    pub id: VolumeId,
+    /// The cache to restore and publish to.
+    pub cache: CacheKey,
+    /// Publish policy.
+    pub policy: Policy,
+    /// Caches to restore from, in order, while `cache` has no version.
+    pub fallbacks: Vec<CacheKey>,
+    /// Where the overlay will be mounted.
+    pub mount_path: Option<PathBuf>,
+    /// The process that owns the volume, if its lifetime is tied to one.
+    pub owner: Option<Owner>,
+}
+
+/// What a cache holds right now, for listings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CacheInfo {
+    /// Which cache.
+    pub cache: CacheKey,
+    /// HEAD version (0: none).
+    pub version: u64,
+    /// Layers, bottom to top.
+    pub layers: Vec<LayerId>,
+    /// Bytes in its layers' regular files (a file replaced in a later layer counts twice).
+    pub bytes: u64,
+    /// Entries in its layers.
+    pub files: u64,
+    /// Seconds since the epoch of the last restore or publish.
+    pub last_used_unix: u64,
+    /// Volumes of this cache that exist now.
+    pub volumes: usize,
+}
+
+impl Store {
+    /// Opens (and creates) the store at `layout`'s root.
+    pub fn open(layout: Layout) -> Result<Self, StoreError> {
+        for dir in [
+            layout.root().to_path_buf(),
+            layout.caches_dir(),
+            layout.layers_dir(),
+            layout.volumes_dir(),
+            layout.tmp_dir(),
+            layout.empty_layer(),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
+        }
+        Ok(Self { layout })
+    }
+
+    /// The layout this store uses.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Takes the state-wide lock shared (pinning, publishing) or exclusive (collecting).
+    pub fn state_lock(&self, exclusive: bool) -> Result<StateLock, StoreError> {
+        let path = self.layout.gc_lock_path();
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("open", &path, e))?;
+        let arg = if exclusive { FlockArg::LockExclusive } else { FlockArg::LockShared };
+        Flock::lock(file, arg).map(StateLock).map_err(|(_, errno)| StoreError::io("flock", &path, errno.into()))
+    }
+
+    /// The cache's HEAD, `None` when it has no version.
+    pub fn head(&self, key: &CacheKey) -> Result<Option<Head>, StoreError> {
+        atomic::read_json(&self.layout.head_path(key))
+    }
+
+    /// A volume's record, `None` when there is no such volume.
+    pub fn volume(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, StoreError> {
+        atomic::read_json(&self.layout.volume_record(id))
+    }
+
+    /// A layer's record, `None` when it is gone.
+    pub fn layer(&self, id: &LayerId) -> Result<Option<LayerRecord>, StoreError> {
+        atomic::read_json(&self.layout.layer_record(id))
+    }
+
+    /// Pins the cache's current version (or a fallback's) in a new volume record and
+    /// creates its upper and work directories. Idempotent for the same id and request.
+    pub fn create_volume(&self, req: &NewVolume) -> Result<VolumeRecord, StoreError> {
+        let _pin = self.state_lock(false)?;
+        if let Some(existing) = self.volume(&req.id)? {
+            if existing.cache != req.cache || existing.policy != req.policy {
+                return Err(StoreError::VolumeConflict { id: req.id.clone(), existing: existing.cache });
+            }
+            self.create_volume_dirs(&req.id)?;
+            return Ok(existing);
+        }
+        let base = self.choose_base(req)?;
+        let record = VolumeRecord {
+            id: req.id.clone(),
+            cache: req.cache.clone(),
+            base,
+            policy: req.policy.clone(),
+            mount_path: req.mount_path.clone(),
+            owner: req.owner,
+            pending: None,
+            created_unix: now_unix(),
+        };
+        atomic::create_dir_durable(&self.layout.volume_dir(&req.id))?;
+        // The record goes down before any mount so the layers are pinned from the first moment.
+        atomic::write_json(&self.layout.volume_record(&req.id), &record)?;
+        self.create_volume_dirs(&req.id)?;
+        self.touch_used(&record.base.from);
+        Ok(record)
+    }
+
+    fn create_volume_dirs(&self, id: &VolumeId) -> Result<(), StoreError> {
+        for dir in [self.layout.upper_dir(id), self.layout.work_dir(id)] {
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(StoreError::io("create directory", &dir, e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn choose_base(&self, req: &NewVolume) -> Result<Base, StoreError> {
+        let own = self.head(&req.cache)?;
+        let own_version = own.as_ref().map_or(Head::NONE, |h| h.version);
+        if req.policy.fresh {
+            return Ok(Base { version: own_version, layers: Vec::new(), from: req.cache.clone(), from_version: 0 });
+        }
+        if let Some(head) = own {
+            self.check_layers(&req.cache, &head)?;
+            return Ok(Base {
+                version: head.version,
+                layers: head.layers,
+                from: req.cache.clone(),
+                from_version: head.version,
+            });
+        }
+        for fallback in &req.fallbacks {
+            if let Some(head) = self.head(fallback)? {
+                self.check_layers(fallback, &head)?;
+                return Ok(Base {
+                    version: Head::NONE,
+                    layers: head.layers,
+                    from: fallback.clone(),
+                    from_version: head.version,
+                });
+            }
+        }
+        Ok(Base { version: Head::NONE, layers: Vec::new(), from: req.cache.clone(), from_version: 0 })
+    }
+
+    fn check_layers(&self, cache: &CacheKey, head: &Head) -> Result<(), StoreError> {
+        for layer in &head.layers {
+            let path = self.layout.layer_dir(layer);
+            if !path.is_dir() {
+                return Err(StoreError::MissingLayer { cache: cache.clone(), layer: layer.clone(), path });
+            }
+        }
+        Ok(())
+    }
+
+    /// The overlay lower directories of a volume, top first; the shared empty layer when none.
+    pub fn lower_dirs(&self, record: &VolumeRecord) -> Vec<PathBuf> {
+        if record.base.layers.is_empty() {
+            return vec![self.layout.empty_layer()];
+        }
+        record.base.layers.iter().rev().map(|l| self.layout.layer_dir(l)).collect()
+    }
+
+    /// Records where a volume is mounted.
+    pub fn set_mount_path(&self, id: &VolumeId, path: Option<&Path>) -> Result<VolumeRecord, StoreError> {
+        let _pin = self.state_lock(false)?;
+        let mut record = self.volume(id)?.ok_or_else(|| StoreError::VolumeNotFound(id.clone()))?;
+        if record.mount_path.as_deref() != path {
+            record.mount_path = path.map(Path::to_path_buf);
+            atomic::write_json(&self.layout.volume_record(id), &record)?;
+        }
+        Ok(record)
+    }
+
+    /// The volume mounted at `path`, by its record.
+    pub fn volume_at(&self, path: &Path) -> Result<Option<VolumeRecord>, StoreError> {
+        Ok(self.volumes()?.into_iter().find(|v| v.mount_path.as_deref() == Some(path)))
+    }
+
+    /// Every volume record; unreadable entries are skipped by the listing and reported by gc.
+    pub fn volumes(&self) -> Result<Vec<VolumeRecord>, StoreError> {
+        let dir = self.layout.volumes_dir();
+        let mut out = Vec::new();
+        for entry in read_dir(&dir)? {
+            let Ok(id) = VolumeId::new(entry.to_string_lossy()) else { continue };
+            if let Some(record) = self.volume(&id)? {
+                out.push(record);
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Removes a volume's directory (upper included). Missing is fine.
+    pub fn drop_volume(&self, id: &VolumeId) -> Result<(), StoreError> {
+        // Shared, so gc never sweeps the trash while it is being deleted here.
+        let _pin = self.state_lock(false)?;
+        let dir = self.layout.volume_dir(id);
+        let trash = self.layout.tmp_dir().join(format!("trash-{}", LayerId::generate()));
+        // One rename drops the record and the tree together; a crash leaves only scratch.
+        match std::fs::rename(&dir, &trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::io("move to trash", &dir, e)),
+        }
+        atomic::sync_dir(&self.layout.volumes_dir())?;
+        tree::remove_tree(&trash)?;
+        Ok(())
+    }
+
+    /// Every cache that has a directory, sorted.
+    pub fn caches(&self) -> Result<Vec<CacheKey>, StoreError> {
+        let mut out = Vec::new();
+        for ns in read_dir(&self.layout.caches_dir())? {
+            let Ok(namespace) = Name::new(ns.to_string_lossy()) else { continue };
+            for name in read_dir(&self.layout.namespace_dir(&namespace))? {
+                let Ok(name) = Name::new(name.to_string_lossy()) else { continue };
+                out.push(CacheKey { namespace: namespace.clone(), name });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// HEAD, sizes, last use and live volumes of one cache.
+    pub fn cache_info(&self, key: &CacheKey) -> Result<CacheInfo, StoreError> {
+        let head = self.head(key)?;
+        let (version, layers) = head.map_or((0, Vec::new()), |h| (h.version, h.layers));
+        let (mut bytes, mut files) = (0, 0);
+        for layer in &layers {
+            if let Some(rec) = self.layer(layer)? {
+                bytes += rec.bytes;
+                files += rec.files;
+            }
+        }
+        let volumes = self.volumes()?.iter().filter(|v| &v.cache == key).count();
+        Ok(CacheInfo {
+            cache: key.clone(),
+            version,
+            layers,
+            bytes,
+            files,
+            last_used_unix: self.last_used(key),
+            volumes,
+        })
+    }
+
+    /// Seconds since the epoch of the last restore or publish of `key`; 0 if never.
+    pub fn last_used(&self, key: &CacheKey) -> u64 {
+        std::fs::metadata(self.layout.used_path(key))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs())
+    }
+
+    /// Marks a cache as used now; best effort, it only steers eviction.
+    pub fn touch_used(&self, key: &CacheKey) {
+        let path = self.layout.used_path(key);
+        if std::fs::create_dir_all(self.layout.cache_dir(key)).is_ok() {
+            let _ = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        }
+    }
+}
+
+/// Names in a directory; a missing directory has none.
+pub(crate) fn read_dir(dir: &Path) -> Result<Vec<std::ffi::OsString>, StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::io("read directory", dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        out.push(entry.map_err(|e| StoreError::io("read directory", dir, e))?.file_name());
+    }
+    Ok(out)
+}

@@ -1,0 +1,119 @@
+//! Volume records: which cache a volume uses, the version it started from, and its policy.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::layout::{CacheKey, LayerId, VolumeId};
+
+/// What to do when HEAD moved while the volume was in use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStale {
+    /// Drop the delta (the default: never overwrite a newer version's choices).
+    #[default]
+    Skip,
+    /// Put the delta on top of the newer HEAD.
+    Stack,
+}
+
+/// Whether and how a volume may become the next version.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// May this volume publish at all.
+    pub publish: bool,
+    /// Started from an empty lower; a publish replaces the layers.
+    pub fresh: bool,
+    /// Stale handling.
+    pub on_stale: OnStale,
+    /// Largest delta that may be published.
+    pub max_bytes: Option<u64>,
+}
+
+/// The version a volume was restored from, pinned for as long as the volume lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Base {
+    /// The cache's HEAD version at restore (0: it had none).
+    pub version: u64,
+    /// The lower layers mounted, bottom to top (a fallback's when `from` differs).
+    pub layers: Vec<LayerId>,
+    /// The cache whose layers were mounted: the volume's own, or a fallback.
+    pub from: CacheKey,
+    /// The version of `from` that was mounted (differs from `version` for a fallback).
+    #[serde(default)]
+    pub from_version: u64,
+}
+
+/// The process that owns a volume made by `jobcachefs run`; when it is gone the volume is an orphan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// Process id.
+    pub pid: i32,
+    /// Start time in clock ticks since boot, so a reused pid is not mistaken for the owner.
+    pub start_ticks: u64,
+}
+
+/// `volumes/<id>/volume.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// The volume's id.
+    pub id: VolumeId,
+    /// The cache it publishes to.
+    pub cache: CacheKey,
+    /// What it was restored from.
+    pub base: Base,
+    /// Whether it may publish.
+    pub policy: Policy,
+    /// Where its overlay is mounted, once known.
+    #[serde(default)]
+    pub mount_path: Option<PathBuf>,
+    /// Set by `run`; absent for volumes whose lifetime an outside caller manages.
+    #[serde(default)]
+    pub owner: Option<Owner>,
+    /// A layer already promoted from the upper and waiting for HEAD (a resumed release).
+    #[serde(default)]
+    pub pending: Option<LayerId>,
+    /// Seconds since the epoch.
+    pub created_unix: u64,
+}
+
+impl VolumeRecord {
+    /// Every layer this record keeps alive.
+    pub fn pinned(&self) -> impl Iterator<Item = &LayerId> {
+        self.base.layers.iter().chain(self.pending.iter())
+    }
+}
+
+impl Owner {
+    /// This process.
+    pub fn current() -> Option<Self> {
+        let pid = std::process::id() as i32;
+        start_ticks(pid).map(|start_ticks| Self { pid, start_ticks })
+    }
+
+    /// Whether the owning process still runs.
+    pub fn is_alive(&self) -> bool {
+        start_ticks(self.pid) == Some(self.start_ticks)
+    }
+}
+
+/// Field 22 of /proc/<pid>/stat; the command name before it may hold spaces and parentheses.
+fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // After ") " come state (field 3) onwards; start time is field 22.
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_a_made_up_one_is_not() {
+        let me = Owner::current().expect("own /proc entry");
+        assert!(me.is_alive());
+        let other = Owner { start_ticks: me.start_ticks + 1, ..me };
+        assert!(!other.is_alive(), "a reused pid with another start time is not the owner");
+    }
+}
