@@ -314,10 +314,11 @@ fn describe_restore(r: &Restored) -> String {
         format!("restored {} empty (no version yet)", v.cache)
     } else {
         format!(
-            "restored {} v{} ({} layers, {} files, {})",
+            "restored {} v{} ({} layer{}, {} files, {})",
             v.base.from,
             v.base.from_version,
             v.base.layers.len(),
+            if v.base.layers.len() == 1 { "" } else { "s" },
             r.files,
             bytesize::ByteSize(r.bytes).display().iec()
         )

@@ -31,6 +31,9 @@ pub enum OpsError {
     /// Maintenance could not get a cache's publish lock.
     #[error("cache {cache}: {source}")]
     CacheLock { cache: CacheKey, source: LockError },
+    /// Something other than this volume is mounted where it should go.
+    #[error("volume {volume}: {target} already has {found} mounted on it")]
+    ForeignMount { volume: VolumeId, target: std::path::PathBuf, found: String },
     /// A restore was asked without a place to mount.
     #[error("volume {0}: no mount path given")]
     NoMountPath(VolumeId),
@@ -140,15 +143,27 @@ impl Engine {
             let record = this.store.create_volume(&req)?;
             let mounted =
                 this.mounter.mount_at(&target).map_err(|source| OpsError::Mount { volume: req.id.clone(), source })?;
-            if !mounted.is_some_and(|m| m.fstype == "overlay") {
-                let spec = this.overlay_spec(&record);
-                if let Err(source) = this.mounter.overlay(&spec, &target) {
-                    if !existed {
-                        // Nothing was mounted: the new volume would only pin layers forever.
-                        this.store.drop_volume(&req.id)?;
-                    }
-                    return Err(OpsError::Mount { volume: req.id, source });
+            let ours = format!("upperdir={}", this.store.layout().upper_dir(&req.id).display());
+            let failure = match mounted {
+                // Already ours: a repeated restore changes nothing.
+                Some(m) if m.fstype == "overlay" && m.super_options.split(',').any(|o| o == ours) => None,
+                Some(m) => Some(OpsError::ForeignMount {
+                    volume: req.id.clone(),
+                    target: target.clone(),
+                    found: format!("{} from {}", m.fstype, m.source),
+                }),
+                None => this
+                    .mounter
+                    .overlay(&this.overlay_spec(&record), &target)
+                    .err()
+                    .map(|source| OpsError::Mount { volume: req.id.clone(), source }),
+            };
+            if let Some(err) = failure {
+                if !existed {
+                    // Nothing of ours is mounted: the new volume would only pin layers forever.
+                    this.store.drop_volume(&req.id)?;
                 }
+                return Err(err);
             }
             let (mut files, mut bytes) = (0, 0);
             for layer in &record.base.layers {

@@ -31,7 +31,7 @@ fn run_twice_sees_what_the_first_run_wrote() {
     assert!(second.status.success(), "{}", stderr(&second));
     assert_eq!(stdout(&second), "dep-1.0\n", "the second run sees the first run's file");
     let line = stderr(&second);
-    assert!(line.contains("restored default/m2 v1 (1 layers, 2 files"), "{line}");
+    assert!(line.contains("restored default/m2 v1 (1 layer, 2 files"), "{line}");
     assert!(line.contains("not published: nothing changed"), "{line}");
     assert!(sb.mounts().is_empty(), "run leaves nothing mounted");
 }

@@ -580,3 +580,18 @@ fn releases_of_one_cache_from_many_threads_advance_once_per_base() {
     assert_eq!(layer_dirs(&sb).len(), 1, "stale deltas dropped");
     let _ = SysMounter;
 }
+
+#[test]
+fn restore_onto_a_foreign_mount_is_refused_and_leaves_nothing_pinned() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let engine = sb.engine();
+    let src = sb.path("elsewhere");
+    let t = sb.path("t");
+    jobcachefs::mount::Mounter::bind(&SysMounter, &src, &t, false).unwrap();
+    let err = rt().block_on(engine.restore(volume("v", &key("c"), publishing(), &t))).unwrap_err();
+    assert!(err.to_string().contains("already has ext4"), "{err}");
+    assert!(sb.store().volume(&VolumeId::new("v").unwrap()).unwrap().is_none(), "no volume left behind");
+}
