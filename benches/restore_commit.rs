@@ -53,6 +53,7 @@ fn main() {
                 fallbacks: Vec::new(),
                 mount_path: Some(target.to_path_buf()),
                 owner: None,
+                request: None,
             }
         };
         let publish = Policy { publish: true, ..Policy::default() };

@@ -23,9 +23,9 @@ pub struct Cli {
     /// Where caches, layers and volumes live (one filesystem that can hold overlay uppers).
     #[arg(long, global = true, env = "JOBCACHEFS_STATE_DIR", default_value = "/var/lib/jobcachefs")]
     pub state_dir: PathBuf,
-    /// Log filter (RUST_LOG syntax); RUST_LOG wins when set.
-    #[arg(long, global = true, default_value = "warn")]
-    pub log_level: String,
+    /// Log filter (RUST_LOG syntax; default info for serve, warn otherwise); RUST_LOG wins when set.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
     /// How long a publish waits for the cache's lock.
     #[arg(long, global = true, default_value = "30s", value_parser = humantime::parse_duration)]
     pub lock_timeout: Duration,
@@ -45,6 +45,27 @@ pub enum Command {
     /// Inspect and maintain caches.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Serve the CSI driver (Identity, Controller, Node) on a unix socket.
+    Serve(ServeArgs),
+    /// A small CSI client: walk a volume through its life by hand.
+    Csi(crate::csi::client::CsiArgs),
+}
+
+/// `jobcachefs serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where to listen: unix:///absolute/path/csi.sock.
+    #[arg(long)]
+    pub endpoint: String,
+    /// This node's name (the topology value of the volumes it holds).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_id: String,
+    /// Namespaces whose inline ephemeral volumes may publish (repeat or comma-separate); default none.
+    #[arg(long = "allow-inline-publish", value_delimiter = ',')]
+    pub allow_inline_publish: Vec<String>,
+    /// After this long without the publish lock, a release drops its change and succeeds.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub publish_deadline: Duration,
 }
 
 /// Which cache and how it may publish.
@@ -200,10 +221,16 @@ pub enum CliError {
 
 /// Runs the parsed command line and returns the process's exit code.
 pub fn run(cli: Cli) -> ExitCode {
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
+    let level = cli.log_level.clone().unwrap_or_else(|| default_level.to_string());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log_level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -232,12 +259,24 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         | Command::Cache(CacheCommand::Squash(SquashArgs { cache: c, .. })) => {
             cache_key(&c.namespace, &c.name)?;
         }
-        Command::Release(_) | Command::Cache(CacheCommand::Ls(_) | CacheCommand::Gc(_)) => {}
+        Command::Serve(args) => {
+            for ns in &args.allow_inline_publish {
+                crate::store::Name::new(ns.as_str()).map_err(|e| {
+                    crate::store::StoreError::from(crate::store::NameError { field: "--allow-inline-publish", ..e })
+                })?;
+            }
+        }
+        Command::Release(_) | Command::Csi(_) | Command::Cache(CacheCommand::Ls(_) | CacheCommand::Gc(_)) => {}
     }
     match cli.command {
         Command::Run(args) => run_command(&cli.state_dir, engine(&layout, cli.lock_timeout, true)?, args).await,
         Command::Mount(args) => mount_command(engine(&layout, cli.lock_timeout, true)?, args).await,
         Command::Release(args) => release_command(engine(&layout, cli.lock_timeout, false)?, args).await,
+        Command::Serve(args) => serve_command(engine(&layout, cli.lock_timeout, true)?, args).await,
+        Command::Csi(args) => {
+            crate::csi::client::run(args).await.map_err(|e| CliError::Usage(e.to_string()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Cache(cmd) => {
             let probe = matches!(cmd, CacheCommand::Squash(_));
             cache_command(engine(&layout, cli.lock_timeout, probe)?, cmd).await
@@ -356,6 +395,7 @@ async fn run_command(state_dir: &Path, engine: Engine, args: RunArgs) -> Result<
         fallbacks: fallbacks(&args.volume)?,
         mount_path: Some(target.clone()),
         owner: Owner::current(),
+        request: None,
     };
     let restored = match engine.restore(req).await {
         Ok(r) => r,
@@ -462,6 +502,7 @@ async fn mount_command(engine: Engine, args: MountArgs) -> Result<ExitCode, CliE
         fallbacks: fallbacks(&args.volume)?,
         mount_path: Some(path.clone()),
         owner: None,
+        request: None,
     };
     let restored = engine.restore(req).await?;
     println!("jobcachefs: {} at {}", describe_restore(&restored), path.display());
@@ -487,6 +528,29 @@ async fn release_command(engine: Engine, args: ReleaseArgs) -> Result<ExitCode, 
         None => "not published: the volume was already released".to_string(),
     };
     println!("jobcachefs: released {} from {}; {line}", volume.cache, path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve_command(engine: Engine, args: ServeArgs) -> Result<ExitCode, CliError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let socket = crate::csi::socket_path(&args.endpoint).map_err(|e| CliError::Usage(e.to_string()))?;
+    if args.node_id.is_empty() {
+        return Err(CliError::Usage("--node-id is required: the name of this node".into()));
+    }
+    let engine = engine.with_publish_deadline(args.publish_deadline);
+    let driver =
+        Arc::new(crate::csi::Driver::new(engine, args.node_id, args.allow_inline_publish.into_iter().collect()));
+    let io_err = |source| CliError::Io { op: "install signal handler", path: PathBuf::from("SIGTERM"), source };
+    let mut term = signal(SignalKind::terminate()).map_err(io_err)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io_err)?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    crate::csi::serve(&socket, driver, shutdown).await.map_err(|e| CliError::Usage(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -14,7 +14,7 @@ use crate::store::commit::{Advanced, NotPublished, Prepared};
 use crate::store::gc::GcReport;
 use crate::store::squash::SquashOutcome;
 use crate::store::tree::TreeStats;
-use crate::store::{CacheKey, NewVolume, Store, StoreError, VolumeId, VolumeRecord};
+use crate::store::{CacheKey, LayerId, NewVolume, Store, StoreError, VolumeId, VolumeRecord};
 
 /// Errors of a restore or release, with the volume they concern.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +78,10 @@ impl std::fmt::Display for Released {
                 write!(f, "not published: publishing is not allowed for this volume")
             }
             Released::NotPublished { why: NotPublished::Unchanged } => write!(f, "not published: nothing changed"),
+            Released::NotPublished { why: NotPublished::DeadlinePassed { after_secs } } => write!(
+                f,
+                "not published: skipped: the publish lock stayed busy past the {after_secs}s publish deadline"
+            ),
             Released::NotPublished { why: NotPublished::TooBig { bytes, max_bytes } } => write!(
                 f,
                 "not published: {} changed, over maxBytes {}",
@@ -95,6 +99,7 @@ pub struct Engine {
     mounter: Arc<dyn Mounter>,
     lock: Arc<dyn PublishLock>,
     lock_timeout: Duration,
+    publish_deadline: Option<Duration>,
 }
 
 /// Runs blocking store or mount work off the async threads, inside the caller's span.
@@ -106,7 +111,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, OpsError> + S
 /// Unmounts, riding out the brief EBUSY a process forking elsewhere can cause by holding a
 /// copy of an fd inside the mount until it execs. Never lazily: a mount still busy after
 /// that is an error the caller retries, with the upper intact.
-fn unmount_patiently(mounter: &dyn Mounter, path: &Path) -> Result<(), MountError> {
+pub fn unmount_patiently(mounter: &dyn Mounter, path: &Path) -> Result<(), MountError> {
     let mut attempt = 0;
     loop {
         match mounter.unmount(path) {
@@ -125,7 +130,14 @@ const BUSY_RETRIES: u32 = 5;
 impl Engine {
     /// Wires an engine.
     pub fn new(store: Store, mounter: Arc<dyn Mounter>, lock: Arc<dyn PublishLock>, lock_timeout: Duration) -> Self {
-        Self { store, mounter, lock, lock_timeout }
+        Self { store, mounter, lock, lock_timeout, publish_deadline: None }
+    }
+
+    /// After `deadline` of failing to get the lock, a release drops its change and succeeds:
+    /// a cache never fails a job. Without one, a release keeps answering "retry".
+    pub fn with_publish_deadline(mut self, deadline: Duration) -> Self {
+        self.publish_deadline = Some(deadline);
+        self
     }
 
     /// The store underneath.
@@ -141,24 +153,7 @@ impl Engine {
             let target = req.mount_path.clone().ok_or_else(|| OpsError::NoMountPath(req.id.clone()))?;
             let existed = this.store.volume(&req.id)?.is_some();
             let record = this.store.create_volume(&req)?;
-            let mounted =
-                this.mounter.mount_at(&target).map_err(|source| OpsError::Mount { volume: req.id.clone(), source })?;
-            let ours = format!("upperdir={}", this.store.layout().upper_dir(&req.id).display());
-            let failure = match mounted {
-                // Already ours: a repeated restore changes nothing.
-                Some(m) if m.fstype == "overlay" && m.super_options.split(',').any(|o| o == ours) => None,
-                Some(m) => Some(OpsError::ForeignMount {
-                    volume: req.id.clone(),
-                    target: target.clone(),
-                    found: format!("{} from {}", m.fstype, m.source),
-                }),
-                None => this
-                    .mounter
-                    .overlay(&this.overlay_spec(&record), &target)
-                    .err()
-                    .map(|source| OpsError::Mount { volume: req.id.clone(), source }),
-            };
-            if let Some(err) = failure {
+            if let Err(err) = this.mount_volume(&record, &target) {
                 if !existed {
                     // Nothing of ours is mounted: the new volume would only pin layers forever.
                     this.store.drop_volume(&req.id)?;
@@ -177,6 +172,74 @@ impl Engine {
             Ok(Restored { volume: record, files, bytes })
         })
         .await
+    }
+
+    /// Creates (pins) a volume without mounting it yet; idempotent for the same request.
+    pub async fn create(&self, req: NewVolume) -> Result<VolumeRecord, OpsError> {
+        let this = self.clone();
+        blocking(move || Ok(this.store.create_volume(&req)?)).await
+    }
+
+    /// Mounts an existing volume's overlay at `target` (again, after a reboot); a repeat is a no-op.
+    pub async fn attach(&self, id: &VolumeId, target: &Path) -> Result<VolumeRecord, OpsError> {
+        let this = self.clone();
+        let (id, target) = (id.clone(), target.to_path_buf());
+        blocking(move || {
+            let record = this.store.set_mount_path(&id, Some(&target))?;
+            this.mount_volume(&record, &target)?;
+            Ok(record)
+        })
+        .await
+    }
+
+    /// Unmounts a volume's overlay from `target` and keeps its upper for a later release.
+    pub async fn detach(&self, id: &VolumeId, target: &Path) -> Result<(), OpsError> {
+        let this = self.clone();
+        let (id, target) = (id.clone(), target.to_path_buf());
+        blocking(move || {
+            unmount_patiently(this.mounter.as_ref(), &target)
+                .map_err(|source| OpsError::Mount { volume: id.clone(), source })?;
+            if this.store.volume(&id)?.is_some_and(|v| v.mount_path.as_deref() == Some(target.as_path())) {
+                this.store.set_mount_path(&id, None)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether `path` has this volume's overlay (or a bind of it) mounted on it.
+    pub fn is_mounted_at(&self, record: &VolumeRecord, path: &Path) -> Result<bool, OpsError> {
+        let found =
+            self.mounter.mount_at(path).map_err(|source| OpsError::Mount { volume: record.id.clone(), source })?;
+        Ok(found.is_some_and(|m| self.is_ours(record, &m)))
+    }
+
+    fn is_ours(&self, record: &VolumeRecord, m: &crate::mount::MountEntry) -> bool {
+        let ours = format!("upperdir={}", self.store.layout().upper_dir(&record.id).display());
+        m.fstype == "overlay" && m.super_options.split(',').any(|o| o == ours)
+    }
+
+    /// The mounter, for bind mounts of a mounted volume.
+    pub fn mounter(&self) -> &dyn Mounter {
+        self.mounter.as_ref()
+    }
+
+    fn mount_volume(&self, record: &VolumeRecord, target: &Path) -> Result<(), OpsError> {
+        let mounted =
+            self.mounter.mount_at(target).map_err(|source| OpsError::Mount { volume: record.id.clone(), source })?;
+        match mounted {
+            // Already ours: a repeated restore changes nothing.
+            Some(m) if self.is_ours(record, &m) => Ok(()),
+            Some(m) => Err(OpsError::ForeignMount {
+                volume: record.id.clone(),
+                target: target.to_path_buf(),
+                found: format!("{} from {}", m.fstype, m.source),
+            }),
+            None => self
+                .mounter
+                .overlay(&self.overlay_spec(record), target)
+                .map_err(|source| OpsError::Mount { volume: record.id.clone(), source }),
+        }
     }
 
     fn overlay_spec(&self, record: &VolumeRecord) -> OverlaySpec {
@@ -214,11 +277,10 @@ impl Engine {
             Prepared::Publish(p) => p,
         };
         let started = std::time::Instant::now();
-        let guard = self
-            .lock
-            .acquire(&record.cache, self.lock_timeout)
-            .await
-            .map_err(|source| OpsError::Lock { volume: id.clone(), source })?;
+        let guard = match self.lock.acquire(&record.cache, self.lock_timeout).await {
+            Ok(guard) => guard,
+            Err(source) => return self.give_up_or_retry(id, &promoted.layer, source).await,
+        };
         let this = self.clone();
         let rec = record.clone();
         let pro = promoted.clone();
@@ -240,6 +302,33 @@ impl Engine {
             }
             Advanced::Stale { base, current } => Released::Stale { base, current },
         }))
+    }
+
+    /// Past the publish deadline (counted from the layer's promotion) the change is dropped and the
+    /// release succeeds; before it, the caller is told to retry and the promoted layer is kept.
+    async fn give_up_or_retry(
+        &self,
+        id: &VolumeId,
+        layer: &LayerId,
+        source: LockError,
+    ) -> Result<Option<Released>, OpsError> {
+        let retry = OpsError::Lock { volume: id.clone(), source };
+        let Some(deadline) = self.publish_deadline else { return Err(retry) };
+        let this = self.clone();
+        let (id, layer) = (id.clone(), layer.clone());
+        blocking(move || {
+            let promoted = this.store.layer(&layer)?.map_or(0, |r| r.created_unix);
+            let age = crate::store::head::now_unix().saturating_sub(promoted);
+            if age < deadline.as_secs() {
+                return Err(retry);
+            }
+            tracing::warn!(layer.id = %layer, age_secs = age, "publish deadline passed; change dropped");
+            // Volume first: a crash in between leaves an orphan layer for gc, not a dangling pin.
+            this.store.drop_volume(&id)?;
+            this.store.remove_layer(&layer)?;
+            Ok(Some(Released::NotPublished { why: NotPublished::DeadlinePassed { after_secs: deadline.as_secs() } }))
+        })
+        .await
     }
 
     /// Flattens a cache deeper than `max_depth` into one layer, then swaps it in under the lock.

@@ -23,6 +23,8 @@ pub enum NotPublished {
     Unchanged,
     /// The delta is bigger than the volume's `maxBytes`.
     TooBig { bytes: u64, max_bytes: u64 },
+    /// The publish lock stayed busy past the publish deadline; the delta was dropped.
+    DeadlinePassed { after_secs: u64 },
 }
 
 /// An upper directory that became a layer and waits for HEAD.
@@ -154,8 +156,8 @@ impl Store {
         Ok(Advanced::Committed { version: head.version, depth: head.layers.len() })
     }
 
-    /// Deletes a layer no HEAD names (a stale delta, a lost squash).
-    pub(crate) fn remove_layer(&self, layer: &LayerId) -> Result<(), StoreError> {
+    /// Deletes a layer no HEAD names (a stale delta, a lost squash, an abandoned publish).
+    pub fn remove_layer(&self, layer: &LayerId) -> Result<(), StoreError> {
         tree::remove_tree(&self.layout.layer_dir(layer))?;
         match std::fs::remove_file(self.layout.layer_record(layer)) {
             Ok(()) => Ok(()),

@@ -21,7 +21,7 @@ use nix::fcntl::{Flock, FlockArg};
 pub use head::Head;
 pub use layer::{LayerKind, LayerRecord};
 pub use layout::{CacheKey, LayerId, Layout, Name, NameError, VolumeId};
-pub use volume::{Base, OnStale, Owner, Policy, VolumeRecord};
+pub use volume::{Base, OnStale, Owner, Policy, VolumeRecord, VolumeRequest};
 
 use head::now_unix;
 
@@ -89,6 +89,8 @@ pub struct NewVolume {
     pub mount_path: Option<PathBuf>,
     /// The process that owns the volume, if its lifetime is tied to one.
     pub owner: Option<Owner>,
+    /// The orchestrator's request, compared on a repeated create.
+    pub request: Option<VolumeRequest>,
 }
 
 /// What a cache holds right now, for listings.
@@ -164,7 +166,7 @@ impl Store {
     pub fn create_volume(&self, req: &NewVolume) -> Result<VolumeRecord, StoreError> {
         let _pin = self.state_lock(false)?;
         if let Some(existing) = self.volume(&req.id)? {
-            if existing.cache != req.cache || existing.policy != req.policy {
+            if existing.cache != req.cache || existing.policy != req.policy || existing.request != req.request {
                 return Err(StoreError::VolumeConflict { id: req.id.clone(), existing: existing.cache });
             }
             self.create_volume_dirs(&req.id)?;
@@ -180,6 +182,7 @@ impl Store {
             owner: req.owner,
             pending: None,
             created_unix: now_unix(),
+            request: req.request.clone(),
         };
         atomic::create_dir_durable(&self.layout.volume_dir(&req.id))?;
         // The record goes down before any mount so the layers are pinned from the first moment.

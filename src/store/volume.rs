@@ -1,5 +1,6 @@
 //! Volume records: which cache a volume uses, the version it started from, and its policy.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -75,6 +76,22 @@ pub struct VolumeRecord {
     pub pending: Option<LayerId>,
     /// Seconds since the epoch.
     pub created_unix: u64,
+    /// What an orchestrator asked for, so a repeated create can be recognised (CSI).
+    #[serde(default)]
+    pub request: Option<VolumeRequest>,
+}
+
+/// The orchestrator's request behind a volume: a repeat with the same values is the same volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRequest {
+    /// The orchestrator's name for it (CSI CreateVolume name; empty for inline volumes).
+    pub name: String,
+    /// Capacity granted, in bytes (0: unspecified).
+    pub capacity_bytes: u64,
+    /// The parameters it was created with.
+    pub parameters: BTreeMap<String, String>,
+    /// Lives and dies with one pod (CSI inline ephemeral volume): its unpublish commits.
+    pub ephemeral: bool,
 }
 
 impl VolumeRecord {

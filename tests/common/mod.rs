@@ -117,6 +117,7 @@ pub fn volume(id: &str, cache: &CacheKey, policy: Policy, target: &Path) -> NewV
         fallbacks: Vec::new(),
         mount_path: Some(target.to_path_buf()),
         owner: None,
+        request: None,
     }
 }
 

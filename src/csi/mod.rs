@@ -1,0 +1,227 @@
+//! The CSI driver: Identity, Controller and Node services over a unix socket, mapping
+//! requests onto the engine (`ops`); errors become a Status only in `status`.
+
+pub mod client;
+mod controller;
+mod identity;
+mod inflight;
+mod node;
+pub mod params;
+pub mod status;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tonic::Response;
+use tracing::Instrument;
+
+pub use controller::volume_id_for;
+use inflight::Inflight;
+use status::CsiError;
+
+use crate::ops::{Engine, OpsError, Released};
+use crate::store::{VolumeId, VolumeRecord};
+
+/// The generated CSI v1 messages, servers and clients.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("csi.v1");
+}
+
+/// The plugin name kubelet and the sidecars know us by.
+pub const PLUGIN_NAME: &str = "jobcachefs.dev";
+/// The topology key naming the node that holds a volume's upper directory.
+pub const TOPOLOGY_KEY: &str = "jobcachefs.dev/node";
+
+/// Shared state of the three services.
+pub struct Driver {
+    engine: Engine,
+    node_id: String,
+    inflight: Inflight,
+    inline_publish: HashSet<String>,
+}
+
+/// Serving errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The endpoint is not `unix:///absolute/path`.
+    #[error("endpoint {0:?} is invalid: must be unix:///absolute/path")]
+    Endpoint(String),
+    /// Something that is not a socket sits where the socket goes; it is not ours to delete.
+    #[error("{0} exists and is not a socket; refusing to remove it")]
+    NotASocket(PathBuf),
+    /// A socket file operation failed.
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl Driver {
+    /// A driver for node `node_id`; `inline_publish` lists namespaces whose inline volumes may publish.
+    pub fn new(engine: Engine, node_id: String, inline_publish: HashSet<String>) -> Self {
+        Self { engine, node_id, inflight: Inflight::default(), inline_publish }
+    }
+
+    fn topology(&self) -> pb::Topology {
+        pb::Topology { segments: HashMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())]) }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, CsiError> + Send + 'static,
+    ) -> Result<T, CsiError> {
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(f))
+            .await
+            .map_err(|e| CsiError::Ops(OpsError::Join(e.to_string())))?
+    }
+
+    /// The record of a volume that must exist; NOT_FOUND otherwise (also for ids we never make).
+    async fn existing(&self, id: &str) -> Result<VolumeRecord, CsiError> {
+        let not_found = || CsiError::NotFound(format!("volume {id} not found"));
+        let Ok(vid) = VolumeId::new(id) else { return Err(not_found()) };
+        let store = self.engine.store().clone();
+        self.blocking(move || Ok(store.volume(&vid)?)).await?.ok_or_else(not_found)
+    }
+
+    /// Releases (commits) a volume and logs the outcome; a missing volume is already released.
+    async fn release(&self, id: &VolumeId, allow: bool) -> Result<(), CsiError> {
+        let started = std::time::Instant::now();
+        let released = self.engine.release(id, allow).await?;
+        let ms = started.elapsed().as_millis() as u64;
+        match released {
+            None => tracing::debug!("already released"),
+            Some(r @ Released::Committed { .. }) => tracing::info!(elapsed_ms = ms, "commit: {r}"),
+            Some(r) => tracing::info!(elapsed_ms = ms, "commit: {r}"),
+        }
+        Ok(())
+    }
+
+    /// Bytes the state dir's filesystem holds: the most a volume could ever grow to.
+    async fn node_bytes(&self) -> Result<u64, CsiError> {
+        let root = self.engine.store().layout().root().to_path_buf();
+        self.blocking(move || {
+            let fs = nix::sys::statvfs::statvfs(&root).map_err(|e| CsiError::Io {
+                op: "statvfs",
+                path: root.clone(),
+                source: e.into(),
+            })?;
+            Ok(fs.blocks() as u64 * fs.fragment_size() as u64)
+        })
+        .await
+    }
+
+    /// Whether the state dir can be written (Probe).
+    async fn state_dir_usable(&self) -> Result<(), CsiError> {
+        let tmp = self.engine.store().layout().tmp_dir();
+        self.blocking(move || {
+            tempfile::tempfile_in(&tmp).map(drop).map_err(|source| CsiError::Io { op: "write in", path: tmp, source })
+        })
+        .await
+    }
+}
+
+/// Checks capabilities: mount access only, single-node access modes only.
+fn check_capabilities(caps: &[pb::VolumeCapability], field: &'static str) -> Result<(), CsiError> {
+    use pb::volume_capability::{access_mode::Mode, AccessType};
+    if caps.is_empty() {
+        return Err(CsiError::Missing(field));
+    }
+    for cap in caps {
+        match cap.access_type {
+            Some(AccessType::Mount(_)) => {}
+            Some(AccessType::Block(_)) => {
+                return Err(CsiError::Invalid { field: field.into(), rule: "block access is not supported".into() })
+            }
+            None => return Err(CsiError::Missing("volume_capability.access_type")),
+        }
+        let mode = cap.access_mode.as_ref().ok_or(CsiError::Missing("volume_capability.access_mode"))?.mode;
+        let single = [
+            Mode::SingleNodeWriter,
+            Mode::SingleNodeReaderOnly,
+            Mode::SingleNodeSingleWriter,
+            Mode::SingleNodeMultiWriter,
+        ];
+        if !single.iter().any(|m| *m as i32 == mode) {
+            let name = Mode::try_from(mode).map(|m| m.as_str_name().to_string()).unwrap_or_else(|_| mode.to_string());
+            return Err(CsiError::Invalid {
+                field: format!("{field}.access_mode"),
+                rule: format!("{name} is not supported: a cache volume lives on one node (use SINGLE_NODE_*)"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs one request in its span and logs a failure once, here at the edge.
+async fn handle<T>(
+    method: &'static str,
+    volume: &str,
+    work: impl Future<Output = Result<T, CsiError>>,
+) -> Result<Response<T>, tonic::Status> {
+    let span = tracing::info_span!("csi", method, volume.id = volume);
+    async move {
+        match work.await {
+            Ok(v) => Ok(Response::new(v)),
+            Err(e) => {
+                let status = tonic::Status::from(e);
+                if status.code() == tonic::Code::Internal {
+                    tracing::error!(code = ?status.code(), "{}", status.message());
+                } else {
+                    tracing::warn!(code = ?status.code(), "{}", status.message());
+                }
+                Err(status)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Parses `unix:///path` (or a bare absolute path) into the socket path.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, ServeError> {
+    let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    let path = PathBuf::from(path);
+    if !path.is_absolute() {
+        return Err(ServeError::Endpoint(endpoint.to_string()));
+    }
+    Ok(path)
+}
+
+/// Binds the socket (0600, replacing a stale socket but nothing else) and serves until `shutdown`.
+pub async fn serve(
+    socket: &Path,
+    driver: Arc<Driver>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let io = |op, source| ServeError::Io { op, path: socket.to_path_buf(), source };
+    match std::fs::symlink_metadata(socket) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(socket).map_err(|e| io("remove stale socket", e))?,
+        Ok(_) => return Err(ServeError::NotASocket(socket.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("stat", e)),
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io("create directory for", e))?;
+    }
+    // Bind under a tight umask so the socket is never world-accessible, even for an instant.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = tokio::net::UnixListener::bind(socket);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(|e| io("bind", e))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(|e| io("chmod", e))?;
+    tracing::info!(socket = %socket.display(), node = %driver.node_id, "serving CSI");
+    tonic::transport::Server::builder()
+        .add_service(pb::identity_server::IdentityServer::new(identity::IdentityService(driver.clone())))
+        .add_service(pb::controller_server::ControllerServer::new(controller::ControllerService(driver.clone())))
+        .add_service(pb::node_server::NodeServer::new(node::NodeService(driver)))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
+        .await?;
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! Typed volume parameters from a StorageClass's `parameters` or an inline volume's attributes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::store::{CacheKey, Name, OnStale, Policy};
+
+use super::status::CsiError;
+
+/// Prefix of the keys the provisioner and kubelet add (namespace, pod, PVC); not ours to validate.
+pub const METADATA_PREFIX: &str = "csi.storage.k8s.io/";
+/// Set by kubelet on inline ephemeral volumes.
+pub const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
+const PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
+const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+const KEYS: &[&str] =
+    &["cacheName", "publish", "publishWhen", "ignoreCache", "onStale", "fallbackCaches", "maxBytes", "namespace"];
+
+/// When a volume that may publish does publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishWhen {
+    /// Whenever it changed something.
+    Always,
+    /// Only if its pod succeeded (inline volumes with pod info).
+    OnSuccess,
+    /// Only if it changed something (what `Always` does too: an unchanged volume never publishes).
+    OnChange,
+}
+
+/// Where a volume comes from, which decides who owns its publish right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A PVC: the admin-owned StorageClass decides; publishes unless `publish: "false"`.
+    Persistent,
+    /// An inline volume: publishes only in namespaces the driver's config allows.
+    Ephemeral,
+}
+
+/// Parsed, validated parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeParams {
+    /// The cache.
+    pub cache: CacheKey,
+    /// Publish policy.
+    pub policy: Policy,
+    /// Restore sources while the cache has no version.
+    pub fallbacks: Vec<CacheKey>,
+    /// When to publish.
+    pub publish_when: PublishWhen,
+    /// Our parameters as given, for idempotency checks and the volume context.
+    pub given: BTreeMap<String, String>,
+}
+
+fn invalid(key: &str, rule: &str) -> CsiError {
+    CsiError::Invalid { field: format!("parameter {key}"), rule: rule.to_string() }
+}
+
+fn parse_bool(map: &HashMap<String, String>, key: &str) -> Result<Option<bool>, CsiError> {
+    match map.get(key).map(String::as_str) {
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
+        Some(_) => Err(invalid(key, "must be \"true\" or \"false\"")),
+    }
+}
+
+impl VolumeParams {
+    /// Validates `map`; `inline_publish` lists the namespaces whose inline volumes may publish.
+    pub fn parse(
+        map: &HashMap<String, String>,
+        kind: Kind,
+        inline_publish: &HashSet<String>,
+    ) -> Result<Self, CsiError> {
+        for key in map.keys() {
+            if !key.starts_with(METADATA_PREFIX) && !KEYS.contains(&key.as_str()) {
+                return Err(invalid(key, &format!("is not a known parameter (known: {})", KEYS.join(", "))));
+            }
+        }
+        let name = map.get("cacheName").ok_or(CsiError::Missing("parameter cacheName"))?;
+        // The namespace comes from Kubernetes metadata, never from a pod author's attributes.
+        let namespace = match kind {
+            Kind::Persistent => map.get(PVC_NAMESPACE).or(map.get("namespace")),
+            Kind::Ephemeral => map.get(POD_NAMESPACE),
+        }
+        .map_or("default", String::as_str);
+        let cache = CacheKey::new(namespace, name).map_err(|e| CsiError::Invalid {
+            field: if e.field == "namespace" { "namespace".into() } else { "parameter cacheName".into() },
+            rule: e.to_string(),
+        })?;
+        let asked = parse_bool(map, "publish")?;
+        let publish = match kind {
+            Kind::Persistent => asked.unwrap_or(true),
+            Kind::Ephemeral => inline_publish.contains(namespace) && asked.unwrap_or(true),
+        };
+        let fresh = parse_bool(map, "ignoreCache")?.unwrap_or(false);
+        let on_stale = match map.get("onStale").map(String::as_str) {
+            None | Some("skip") => OnStale::Skip,
+            Some("stack") => OnStale::Stack,
+            Some(_) => return Err(invalid("onStale", "must be \"skip\" or \"stack\"")),
+        };
+        let publish_when = match map.get("publishWhen").map(String::as_str) {
+            None | Some("always") => PublishWhen::Always,
+            Some("on-success") => PublishWhen::OnSuccess,
+            Some("on-change") => PublishWhen::OnChange,
+            Some(_) => return Err(invalid("publishWhen", "must be \"always\", \"on-success\" or \"on-change\"")),
+        };
+        let max_bytes = match map.get("maxBytes") {
+            None => None,
+            Some(v) => Some(
+                v.parse::<bytesize::ByteSize>()
+                    .map(|b| b.as_u64())
+                    .map_err(|_| invalid("maxBytes", "must be a size in bytes such as 1073741824 or 1GiB"))?,
+            ),
+        };
+        let mut fallbacks = Vec::new();
+        for item in map.get("fallbackCaches").map(String::as_str).unwrap_or("").split(',') {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            // Fallbacks stay inside the volume's namespace: tenants never read each other's caches.
+            let fb = Name::new(item).map_err(|e| invalid("fallbackCaches", &e.to_string()))?;
+            fallbacks.push(CacheKey { namespace: cache.namespace.clone(), name: fb });
+        }
+        let given =
+            map.iter().filter(|(k, _)| !k.starts_with(METADATA_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        Ok(Self { cache, policy: Policy { publish, fresh, on_stale, max_bytes }, fallbacks, publish_when, given })
+    }
+
+    /// What CreateVolume returns as the volume context.
+    pub fn context(&self) -> HashMap<String, String> {
+        let mut ctx: HashMap<String, String> = self.given.clone().into_iter().collect();
+        ctx.insert("namespace".into(), self.cache.namespace.to_string());
+        ctx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// Parameters in, and the cache and mode out (or a piece of the error).
+    type Case<'a> = (&'a [(&'a str, &'a str)], Result<&'a str, &'a str>);
+
+    #[test]
+    fn table() {
+        let none = HashSet::new();
+        let cases: &[Case] = &[
+            (&[("cacheName", "m2")], Ok("default/m2 publish")),
+            (&[("cacheName", "m2"), (PVC_NAMESPACE, "team")], Ok("team/m2 publish")),
+            (&[("cacheName", "m2"), ("publish", "false")], Ok("default/m2 read-only")),
+            (&[], Err("parameter cacheName is required")),
+            (&[("cacheName", "../x")], Err("parameter cacheName")),
+            (&[("cacheName", "m2"), ("publish", "yes")], Err("parameter publish")),
+            (&[("cacheName", "m2"), ("onStale", "merge")], Err("parameter onStale")),
+            (&[("cacheName", "m2"), ("publishWhen", "sometimes")], Err("parameter publishWhen")),
+            (&[("cacheName", "m2"), ("maxBytes", "lots")], Err("parameter maxBytes")),
+            (&[("cacheName", "m2"), ("fallbackCaches", "main,../etc")], Err("parameter fallbackCaches")),
+            (&[("cacheName", "m2"), ("cachename", "typo")], Err("parameter cachename is invalid")),
+            (&[("cacheName", "m2"), (PVC_NAMESPACE, "Bad_NS")], Err("namespace")),
+        ];
+        for (pairs, want) in cases {
+            let got = VolumeParams::parse(&map(pairs), Kind::Persistent, &none);
+            match (got, want) {
+                (Ok(p), Ok(w)) => {
+                    let mode = if p.policy.publish { "publish" } else { "read-only" };
+                    assert_eq!(format!("{} {mode}", p.cache), *w, "{pairs:?}");
+                }
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{pairs:?}: {e}"),
+                (got, want) => panic!("{pairs:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn inline_volumes_publish_only_where_the_driver_allows() {
+        let allowed: HashSet<String> = ["ci".to_string()].into();
+        let attrs = |ns: &str| map(&[("cacheName", "m2"), (POD_NAMESPACE, ns), (EPHEMERAL_KEY, "true")]);
+        assert!(VolumeParams::parse(&attrs("ci"), Kind::Ephemeral, &allowed).unwrap().policy.publish);
+        assert!(!VolumeParams::parse(&attrs("dev"), Kind::Ephemeral, &allowed).unwrap().policy.publish);
+        // A pod author cannot grant themselves the right, nor pick another namespace.
+        let mut sneaky = attrs("dev");
+        sneaky.insert("publish".into(), "true".into());
+        sneaky.insert("namespace".into(), "ci".into());
+        let p = VolumeParams::parse(&sneaky, Kind::Ephemeral, &allowed).unwrap();
+        assert!(!p.policy.publish);
+        assert_eq!(p.cache.namespace.as_str(), "dev");
+    }
+
+    #[test]
+    fn fallbacks_and_sizes() {
+        let p = VolumeParams::parse(
+            &map(&[("cacheName", "pr-1"), ("fallbackCaches", "main, release"), ("maxBytes", "1GiB")]),
+            Kind::Persistent,
+            &HashSet::new(),
+        )
+        .unwrap();
+        assert_eq!(p.fallbacks.iter().map(|c| c.to_string()).collect::<Vec<_>>(), ["default/main", "default/release"]);
+        assert_eq!(p.policy.max_bytes, Some(1 << 30));
+    }
+}

@@ -1,0 +1,189 @@
+//! The one place an error becomes a `tonic::Status`. Every match is exhaustive, so a new
+//! error variant cannot slip through as a vague INTERNAL.
+
+use std::path::PathBuf;
+
+use tonic::{Code, Status};
+
+use crate::lock::LockError;
+use crate::mount::MountError;
+use crate::ops::OpsError;
+use crate::store::StoreError;
+
+/// Errors of the CSI services, before they become a Status.
+#[derive(Debug, thiserror::Error)]
+pub enum CsiError {
+    /// A required field is empty.
+    #[error("{0} is required")]
+    Missing(&'static str),
+    /// A field breaks a rule.
+    #[error("{field} is invalid: {rule}")]
+    Invalid { field: String, rule: String },
+    /// The volume (or what was asked of it) does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// Incompatible with what exists.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The call came in the wrong order (publish before stage).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Another operation on the volume is in flight.
+    #[error("{0}")]
+    Aborted(String),
+    /// A capacity the node cannot give.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// From the engine.
+    #[error(transparent)]
+    Ops(#[from] OpsError),
+    /// A file operation of the services themselves.
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+impl From<StoreError> for CsiError {
+    fn from(e: StoreError) -> Self {
+        CsiError::Ops(OpsError::Store(e))
+    }
+}
+
+fn store_code(e: &StoreError) -> Code {
+    match e {
+        StoreError::Name(_) => Code::InvalidArgument,
+        StoreError::VolumeNotFound(_) => Code::NotFound,
+        StoreError::VolumeConflict { .. } => Code::AlreadyExists,
+        StoreError::StateDir(_)
+        | StoreError::Io { .. }
+        | StoreError::Corrupt { .. }
+        | StoreError::MissingLayer { .. }
+        | StoreError::Tree(_)
+        | StoreError::SquashMount { .. } => Code::Internal,
+    }
+}
+
+fn mount_code(e: &MountError) -> Code {
+    match e {
+        // The caller retries once whatever holds the mount lets go.
+        MountError::Busy { .. } => Code::Unavailable,
+        MountError::Overlay { .. }
+        | MountError::OptionsTooLong { .. }
+        | MountError::UnsafePath { .. }
+        | MountError::Bind { .. }
+        | MountError::Unmount { .. }
+        | MountError::MountInfo { .. }
+        | MountError::Resolve { .. } => Code::Internal,
+    }
+}
+
+fn lock_code(e: &LockError) -> Code {
+    match e {
+        LockError::Timeout { .. } | LockError::Lost { .. } => Code::Unavailable,
+        LockError::Io { .. } => Code::Internal,
+    }
+}
+
+fn ops_code(e: &OpsError) -> Code {
+    match e {
+        OpsError::Store(e) => store_code(e),
+        OpsError::Mount { source, .. } => mount_code(source),
+        OpsError::Lock { source, .. } | OpsError::CacheLock { source, .. } => lock_code(source),
+        OpsError::ForeignMount { .. } => Code::AlreadyExists,
+        OpsError::NoMountPath(_) => Code::InvalidArgument,
+        OpsError::Join(_) => Code::Internal,
+    }
+}
+
+impl CsiError {
+    /// The gRPC code this error answers with.
+    pub fn code(&self) -> Code {
+        match self {
+            CsiError::Missing(_) | CsiError::Invalid { .. } => Code::InvalidArgument,
+            CsiError::NotFound(_) => Code::NotFound,
+            CsiError::AlreadyExists(_) => Code::AlreadyExists,
+            CsiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CsiError::Aborted(_) => Code::Aborted,
+            CsiError::OutOfRange(_) => Code::OutOfRange,
+            CsiError::Ops(e) => ops_code(e),
+            CsiError::Io { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<CsiError> for Status {
+    fn from(e: CsiError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::{CacheKey, LayerId, Name, VolumeId};
+
+    fn io_err() -> io::Error {
+        io::Error::from(io::ErrorKind::PermissionDenied)
+    }
+
+    #[test]
+    fn every_variant_has_its_code() {
+        let vol = || VolumeId::new("v").unwrap();
+        let cache = || CacheKey::new("ns", "c").unwrap();
+        let p = || PathBuf::from("/p");
+        let name_err = Name::new("..").unwrap_err();
+        let corrupt = serde_json::from_str::<u32>("x").unwrap_err();
+        let cases: Vec<(CsiError, Code)> = vec![
+            (CsiError::Missing("volume_id"), Code::InvalidArgument),
+            (CsiError::Invalid { field: "f".into(), rule: "r".into() }, Code::InvalidArgument),
+            (CsiError::NotFound("x".into()), Code::NotFound),
+            (CsiError::AlreadyExists("x".into()), Code::AlreadyExists),
+            (CsiError::FailedPrecondition("x".into()), Code::FailedPrecondition),
+            (CsiError::Aborted("x".into()), Code::Aborted),
+            (CsiError::OutOfRange("x".into()), Code::OutOfRange),
+            (CsiError::Io { op: "stat", path: p(), source: io_err() }, Code::Internal),
+            (StoreError::Name(name_err).into(), Code::InvalidArgument),
+            (StoreError::VolumeNotFound(vol()).into(), Code::NotFound),
+            (StoreError::VolumeConflict { id: vol(), existing: cache() }.into(), Code::AlreadyExists),
+            (StoreError::io("read", p(), io_err()).into(), Code::Internal),
+            (StoreError::Corrupt { path: p(), source: corrupt }.into(), Code::Internal),
+            (
+                StoreError::MissingLayer { cache: cache(), layer: LayerId::new("abc").unwrap(), path: p() }.into(),
+                Code::Internal,
+            ),
+            (OpsError::Mount { volume: vol(), source: MountError::Busy { target: p() } }.into(), Code::Unavailable),
+            (
+                OpsError::Mount { volume: vol(), source: MountError::Overlay { target: p(), source: io_err() } }.into(),
+                Code::Internal,
+            ),
+            (
+                OpsError::Lock {
+                    volume: vol(),
+                    source: LockError::Timeout { cache: cache(), waited: Duration::from_secs(1) },
+                }
+                .into(),
+                Code::Unavailable,
+            ),
+            (OpsError::Lock { volume: vol(), source: LockError::Lost { cache: cache() } }.into(), Code::Unavailable),
+            (
+                OpsError::CacheLock {
+                    cache: cache(),
+                    source: LockError::Io { cache: cache(), op: "open", path: p(), source: io_err() },
+                }
+                .into(),
+                Code::Internal,
+            ),
+            (OpsError::ForeignMount { volume: vol(), target: p(), found: "ext4".into() }.into(), Code::AlreadyExists),
+            (OpsError::NoMountPath(vol()).into(), Code::InvalidArgument),
+            (OpsError::Join("panic".into()).into(), Code::Internal),
+        ];
+        for (err, code) in cases {
+            let text = err.to_string();
+            let status = Status::from(err);
+            assert_eq!(status.code(), code, "{text}");
+            assert_eq!(status.message(), text, "the message is the whole error chain");
+        }
+    }
+}
