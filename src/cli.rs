@@ -322,7 +322,13 @@ fn check_filesystem(store: &Store) -> Result<(), CliError> {
 }
 
 fn policy(args: &VolumeArgs) -> Policy {
-    Policy { publish: !args.no_publish, fresh: args.fresh, on_stale: args.on_stale, max_bytes: args.max_bytes }
+    Policy {
+        publish: !args.no_publish,
+        fresh: args.fresh,
+        on_stale: args.on_stale,
+        max_bytes: args.max_bytes,
+        read_only: false,
+    }
 }
 
 fn cache_key(namespace: &str, name: &str) -> Result<CacheKey, CliError> {

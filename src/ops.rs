@@ -245,6 +245,7 @@ impl Engine {
     fn overlay_spec(&self, record: &VolumeRecord) -> OverlaySpec {
         let layout = self.store.layout();
         OverlaySpec {
+            readonly: record.policy.read_only,
             lower: self.store.lower_dirs(record),
             upper: Some(UpperDirs { upper: layout.upper_dir(&record.id), work: layout.work_dir(&record.id) }),
         }

@@ -122,6 +122,11 @@ impl Node for NodeService {
                 if params.publish_when == PublishWhen::OnSuccess {
                     policy.publish = false;
                 }
+                // A read-only volume is mounted read-only and can therefore never publish.
+                if readonly {
+                    policy.read_only = true;
+                    policy.publish = false;
+                }
                 let new = NewVolume {
                     id,
                     cache: params.cache.clone(),
@@ -231,8 +236,12 @@ impl Node for NodeService {
         let driver = self.0.clone();
         handle("NodeGetVolumeStats", &req.volume_id.clone(), async move {
             let id = required_id(&req.volume_id)?;
-            let path = required_path(&req.volume_path, "volume_path")?;
+            if req.volume_path.is_empty() {
+                return Err(CsiError::Missing("volume_path"));
+            }
             let record = driver.existing(id).await?;
+            // Any path the volume is not mounted at, relative ones included, is simply not found.
+            let path = PathBuf::from(&req.volume_path);
             let engine = driver.engine.clone();
             driver
                 .blocking(move || {

@@ -123,7 +123,8 @@ impl VolumeParams {
         }
         let given =
             map.iter().filter(|(k, _)| !k.starts_with(METADATA_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
-        Ok(Self { cache, policy: Policy { publish, fresh, on_stale, max_bytes }, fallbacks, publish_when, given })
+        let policy = Policy { publish, fresh, on_stale, max_bytes, read_only: false };
+        Ok(Self { cache, policy, fallbacks, publish_when, given })
     }
 
     /// What CreateVolume returns as the volume context.

@@ -78,7 +78,8 @@ fn mount_code(e: &MountError) -> Code {
 
 fn lock_code(e: &LockError) -> Code {
     match e {
-        LockError::Timeout { .. } | LockError::Lost { .. } => Code::Unavailable,
+        // The API server may be briefly away; the caller retries with the change kept.
+        LockError::Timeout { .. } | LockError::Lost { .. } | LockError::Api { .. } => Code::Unavailable,
         LockError::Io { .. } => Code::Internal,
     }
 }
@@ -167,6 +168,14 @@ mod tests {
                 Code::Unavailable,
             ),
             (OpsError::Lock { volume: vol(), source: LockError::Lost { cache: cache() } }.into(), Code::Unavailable),
+            (
+                OpsError::Lock {
+                    volume: vol(),
+                    source: LockError::Api { cache: cache(), op: "get lease", message: "500".into() },
+                }
+                .into(),
+                Code::Unavailable,
+            ),
             (
                 OpsError::CacheLock {
                     cache: cache(),

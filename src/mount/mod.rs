@@ -22,6 +22,9 @@ pub struct OverlaySpec {
     pub lower: Vec<PathBuf>,
     /// Writable upper and work directories; `None` mounts a read-only overlay.
     pub upper: Option<UpperDirs>,
+    /// Mount read-only even with an upper (MS_RDONLY): the mount still names its upper, so
+    /// it can be recognised, but nothing can be written through it.
+    pub readonly: bool,
 }
 
 /// The writable half of an overlay mount.

@@ -144,6 +144,7 @@ fn exercise(
     check_file_types(&dirs.lower, scratch, fs_type)?;
 
     let spec = OverlaySpec {
+        readonly: false,
         lower: vec![dirs.lower.clone()],
         upper: Some(UpperDirs { upper: dirs.upper.clone(), work: dirs.work.clone() }),
     };
@@ -368,6 +369,7 @@ mod tests {
         }
         let merged = root.join("merged");
         let spec = OverlaySpec {
+            readonly: false,
             lower: vec![root.join("lower")],
             upper: Some(UpperDirs { upper: root.join("upper"), work: root.join("work") }),
         };

@@ -245,6 +245,7 @@ mod tests {
 
     fn rw_spec() -> OverlaySpec {
         OverlaySpec {
+            readonly: false,
             lower: vec!["/l/b".into(), "/l/a".into()],
             upper: Some(UpperDirs { upper: "/v/upper".into(), work: "/v/work".into() }),
         }
@@ -329,7 +330,7 @@ mod tests {
     #[test]
     fn refuses_what_the_real_one_refuses() {
         let m = RecordingMounter::new();
-        let spec = OverlaySpec { lower: vec!["/l/a:b".into()], upper: None };
+        let spec = OverlaySpec { readonly: false, lower: vec!["/l/a:b".into()], upper: None };
         assert!(matches!(m.overlay(&spec, Path::new("/t")), Err(MountError::UnsafePath { .. })));
         assert!(m.mounted().is_empty());
     }

@@ -78,7 +78,7 @@ impl Mounter for SysMounter {
         let opts = overlay_options(spec, target)?;
         // Without an upper the overlay is read-only anyway; saying so on the mount makes
         // mountinfo (and so `mount_at`) report it as such.
-        let flags = if spec.upper.is_none() { MountFlags::RDONLY } else { MountFlags::empty() };
+        let flags = if spec.upper.is_none() || spec.readonly { MountFlags::RDONLY } else { MountFlags::empty() };
         Mount::builder()
             .fstype("overlay")
             .flags(flags)
@@ -248,6 +248,7 @@ mod tests {
 
     fn spec(lower: &[&str], upper: Option<(&str, &str)>) -> OverlaySpec {
         OverlaySpec {
+            readonly: false,
             lower: lower.iter().map(PathBuf::from).collect(),
             upper: upper.map(|(u, w)| UpperDirs { upper: u.into(), work: w.into() }),
         }
@@ -352,7 +353,11 @@ mod tests {
             fs::write(layer.join(format!("only-{i}")), "x").expect("write own");
             lower.insert(0, layer);
         }
-        let spec = OverlaySpec { lower, upper: Some(UpperDirs { upper: root.join("upper"), work: root.join("work") }) };
+        let spec = OverlaySpec {
+            readonly: false,
+            lower,
+            upper: Some(UpperDirs { upper: root.join("upper"), work: root.join("work") }),
+        };
         let merged = root.join("merged");
         let opts = overlay_options(&spec, &merged).expect("options");
         assert!(opts.len() > 256, "lowerdir is only {} bytes", opts.len());
@@ -382,6 +387,7 @@ mod tests {
         let root = tmp.path();
         let merged = root.join("merged");
         let mut spec = OverlaySpec {
+            readonly: false,
             lower: Vec::new(),
             upper: Some(UpperDirs { upper: root.join("upper"), work: root.join("work") }),
         };
@@ -422,7 +428,7 @@ mod tests {
         let root = tmp.path();
         fs::write(root.join("bottom/f"), "bottom").expect("write");
         let merged = root.join("merged");
-        let spec = OverlaySpec { lower: vec![root.join("top"), root.join("bottom")], upper: None };
+        let spec = OverlaySpec { readonly: false, lower: vec![root.join("top"), root.join("bottom")], upper: None };
 
         SysMounter.overlay(&spec, &merged).expect("mount");
         let _guard = UnmountGuard::new(&merged);
@@ -442,7 +448,7 @@ mod tests {
         }
         let tmp = dirs(&["merged"]);
         let merged = tmp.path().join("merged");
-        let spec = OverlaySpec { lower: vec![tmp.path().join("missing")], upper: None };
+        let spec = OverlaySpec { readonly: false, lower: vec![tmp.path().join("missing")], upper: None };
         let err = SysMounter.overlay(&spec, &merged).expect_err("missing lower");
         let _guard = UnmountGuard::new(&merged);
         match &err {
@@ -582,6 +588,7 @@ mod tests {
         let root = tmp.path();
         let merged = root.join("merged");
         let spec = OverlaySpec {
+            readonly: false,
             lower: vec![root.join("lower")],
             upper: Some(UpperDirs { upper: root.join("upper"), work: root.join("work") }),
         };

@@ -59,8 +59,11 @@ impl Store {
         let view = scratch.join("view");
         let flat = scratch.join("flat");
         atomic::create_dir_durable(&view)?;
-        let spec =
-            OverlaySpec { lower: head.layers.iter().rev().map(|l| self.layout.layer_dir(l)).collect(), upper: None };
+        let spec = OverlaySpec {
+            readonly: false,
+            lower: head.layers.iter().rev().map(|l| self.layout.layer_dir(l)).collect(),
+            upper: None,
+        };
         let mount_err = |source| StoreError::SquashMount { cache: key.clone(), source };
         mounter.overlay(&spec, &view).map_err(mount_err)?;
         // Overlay hides whiteouts and opaque markers in its merged view: the copy is flat.

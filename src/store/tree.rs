@@ -526,7 +526,7 @@ impl Copier<'_> {
         if kind(st) == SFlag::S_IFREG {
             self.stats.bytes += bytes;
         }
-        if self.stats.files % 1000 == 0 {
+        if self.stats.files.is_multiple_of(1000) {
             (self.progress)(&self.stats);
         }
     }

@@ -29,6 +29,9 @@ pub struct Policy {
     pub on_stale: OnStale,
     /// Largest delta that may be published.
     pub max_bytes: Option<u64>,
+    /// Mounted read-only: nothing can be written, so nothing is ever published.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// The version a volume was restored from, pinned for as long as the volume lives.
