@@ -1,12 +1,14 @@
 //! The publish lock: serialises the few small writes that advance a cache's HEAD.
-//! A file lock on one node; a Kubernetes Lease (later) across a cluster, behind one trait.
+//! A file lock on one node; a Kubernetes Lease across a cluster, behind one trait.
 
 mod file;
+pub mod lease;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use file::FileLock;
+pub use lease::{LeaseLock, LeaseTiming};
 
 use crate::store::CacheKey;
 
@@ -19,6 +21,9 @@ pub enum LockError {
     /// The lock was lost while held (an expired Lease); HEAD must not be written.
     #[error("cache {cache}: publish lock was lost while held")]
     Lost { cache: CacheKey },
+    /// The Kubernetes API refused, failed or did not answer in time.
+    #[error("cache {cache}: {op}: {message}")]
+    Api { cache: CacheKey, op: &'static str, message: String },
     /// The lock file could not be opened or locked.
     #[error("cache {cache}: {op} {path}: {source}")]
     Io { cache: CacheKey, op: &'static str, path: PathBuf, source: std::io::Error },
