@@ -66,6 +66,24 @@ pub struct ServeArgs {
     /// After this long without the publish lock, a release drops its change and succeeds.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub publish_deadline: Duration,
+    /// The driver config file (JSON, from a ConfigMap): {"inlinePublishNamespaces": [...]}.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The publish lock: a file lock (one node) or a Kubernetes Lease (a shared store).
+    #[arg(long, value_enum, default_value = "file")]
+    pub lock: LockBackend,
+    /// How long a Lease stays valid without renewal (a dead holder blocks others this long).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+}
+
+/// The publish-lock backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LockBackend {
+    /// flock(2) on a file in the state dir.
+    File,
+    /// A coordination.k8s.io/v1 Lease in the cache's namespace.
+    Lease,
 }
 
 /// Which cache and how it may publish.
@@ -543,9 +561,39 @@ async fn serve_command(engine: Engine, args: ServeArgs) -> Result<ExitCode, CliE
     if args.node_id.is_empty() {
         return Err(CliError::Usage("--node-id is required: the name of this node".into()));
     }
-    let engine = engine.with_publish_deadline(args.publish_deadline);
-    let driver =
-        Arc::new(crate::csi::Driver::new(engine, args.node_id, args.allow_inline_publish.into_iter().collect()));
+    // In a pod (service env) or with a kubeconfig, the driver can look things up in the cluster.
+    let wants_cluster = args.lock == LockBackend::Lease
+        || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("KUBECONFIG").is_some();
+    let client = if wants_cluster {
+        match kube::Client::try_default().await {
+            Ok(c) => Some(c),
+            Err(e) if args.lock == LockBackend::Lease => {
+                return Err(CliError::Usage(format!("--lock lease needs Kubernetes access: {e}")))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no Kubernetes access: PVC annotations and pod outcomes are not looked up");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut engine = engine.with_publish_deadline(args.publish_deadline);
+    if args.lock == LockBackend::Lease {
+        let client = client.clone().ok_or_else(|| CliError::Usage("--lock lease needs Kubernetes access".into()))?;
+        let timing = crate::lock::LeaseTiming { duration: args.lease_duration, ..Default::default() };
+        let lease = crate::lock::LeaseLock::new(client, crate::lock::LeaseLock::holder_for(&args.node_id), timing);
+        engine = engine.with_lock(Arc::new(lease));
+    }
+    let access = crate::csi::Access {
+        inline_publish: args.allow_inline_publish.into_iter().collect(),
+        config_file: args.config,
+        cluster: client.map(|c| {
+            Arc::new(crate::cluster::KubeCluster::new(c, Duration::from_secs(5))) as Arc<dyn crate::cluster::Cluster>
+        }),
+    };
+    let driver = Arc::new(crate::csi::Driver::new(engine, args.node_id, access));
     let io_err = |source| CliError::Io { op: "install signal handler", path: PathBuf::from("SIGTERM"), source };
     let mut term = signal(SignalKind::terminate()).map_err(io_err)?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err)?;

@@ -3,6 +3,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod cli;
+pub mod cluster;
 pub mod csi;
 pub mod failpoint;
 pub mod lock;

@@ -133,6 +133,12 @@ impl Engine {
         Self { store, mounter, lock, lock_timeout, publish_deadline: None }
     }
 
+    /// Uses `lock` as the publish lock instead of the one given at construction.
+    pub fn with_lock(mut self, lock: Arc<dyn PublishLock>) -> Self {
+        self.lock = lock;
+        self
+    }
+
     /// After `deadline` of failing to get the lock, a release drops its change and succeeds:
     /// a cache never fails a job. Without one, a release keeps answering "retry".
     pub fn with_publish_deadline(mut self, deadline: Duration) -> Self {

@@ -1,6 +1,6 @@
 //! CSI Controller: create and delete volumes on this node (node-deployment mode).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tonic::{Request, Response, Status};
 
@@ -61,7 +61,13 @@ impl Controller for ControllerService {
                     rule: "snapshots and clones are not supported; caches restore from their own versions".into(),
                 });
             }
-            let params = VolumeParams::parse(&req.parameters, Kind::Persistent, &driver.inline_publish)?;
+            let mut parameters = req.parameters.clone();
+            if !parameters.contains_key("cacheName") {
+                if let Some(name) = driver.cache_name_from_pvc(&parameters).await? {
+                    parameters.insert("cacheName".into(), name);
+                }
+            }
+            let params = VolumeParams::parse(&parameters, Kind::Persistent, &HashSet::new())?;
             let capacity = granted(req.capacity_range.as_ref(), driver.node_bytes().await?)?;
             let id = volume_id_for(&req.name);
             let _guard = driver.inflight.begin(id.as_str())?;
@@ -77,6 +83,7 @@ impl Controller for ControllerService {
                     capacity_bytes: capacity,
                     parameters: params.given.clone(),
                     ephemeral: false,
+                    pod: None,
                 }),
             };
             let record = driver.engine.create(new).await.map_err(|e| match e {

@@ -21,6 +21,7 @@ pub use controller::volume_id_for;
 use inflight::Inflight;
 use status::CsiError;
 
+use crate::cluster::Cluster;
 use crate::ops::{Engine, OpsError, Released};
 use crate::store::{VolumeId, VolumeRecord};
 
@@ -35,12 +36,32 @@ pub const PLUGIN_NAME: &str = "jobcachefs.dev";
 /// The topology key naming the node that holds a volume's upper directory.
 pub const TOPOLOGY_KEY: &str = "jobcachefs.dev/node";
 
+/// Who may publish, and what the driver can ask Kubernetes.
+#[derive(Default, Clone)]
+pub struct Access {
+    /// Namespaces whose inline volumes may publish, from the command line.
+    pub inline_publish: HashSet<String>,
+    /// The driver config file (a mounted ConfigMap), re-read on every inline publish decision.
+    pub config_file: Option<PathBuf>,
+    /// Kubernetes look-ups; `None` when the driver runs without cluster access.
+    pub cluster: Option<Arc<dyn Cluster>>,
+}
+
+/// The driver config file: `{"inlinePublishNamespaces": ["ci"]}`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DriverConfig {
+    /// Namespaces whose inline volumes may publish.
+    #[serde(default)]
+    pub inline_publish_namespaces: Vec<String>,
+}
+
 /// Shared state of the three services.
 pub struct Driver {
     engine: Engine,
     node_id: String,
     inflight: Inflight,
-    inline_publish: HashSet<String>,
+    access: Access,
 }
 
 /// Serving errors.
@@ -61,9 +82,31 @@ pub enum ServeError {
 }
 
 impl Driver {
-    /// A driver for node `node_id`; `inline_publish` lists namespaces whose inline volumes may publish.
-    pub fn new(engine: Engine, node_id: String, inline_publish: HashSet<String>) -> Self {
-        Self { engine, node_id, inflight: Inflight::default(), inline_publish }
+    /// A driver for node `node_id`.
+    pub fn new(engine: Engine, node_id: String, access: Access) -> Self {
+        Self { engine, node_id, inflight: Inflight::default(), access }
+    }
+
+    /// Namespaces whose inline volumes may publish now: the flags plus the config file. A config
+    /// file that cannot be read allows nothing beyond the flags (fail closed) and is logged.
+    async fn inline_publish(&self) -> HashSet<String> {
+        let mut allowed = self.access.inline_publish.clone();
+        let Some(path) = self.access.config_file.clone() else { return allowed };
+        let read = self
+            .blocking(move || {
+                let text =
+                    std::fs::read(&path).map_err(|source| CsiError::Io { op: "read", path: path.clone(), source })?;
+                serde_json::from_slice::<DriverConfig>(&text).map_err(|e| CsiError::Invalid {
+                    field: format!("config file {}", path.display()),
+                    rule: e.to_string(),
+                })
+            })
+            .await;
+        match read {
+            Ok(config) => allowed.extend(config.inline_publish_namespaces),
+            Err(e) => tracing::error!(error = %e, "driver config unreadable; inline volumes publish only per flags"),
+        }
+        allowed
     }
 
     fn topology(&self) -> pb::Topology {
@@ -99,6 +142,43 @@ impl Driver {
             Some(r) => tracing::info!(elapsed_ms = ms, "commit: {r}"),
         }
         Ok(())
+    }
+
+    /// The cache name a PVC's annotation gives, when the StorageClass gave none.
+    async fn cache_name_from_pvc(&self, params: &HashMap<String, String>) -> Result<Option<String>, CsiError> {
+        let (Some(ns), Some(name)) =
+            (params.get("csi.storage.k8s.io/pvc/namespace"), params.get("csi.storage.k8s.io/pvc/name"))
+        else {
+            return Ok(None);
+        };
+        let Some(cluster) = &self.access.cluster else { return Ok(None) };
+        cluster
+            .pvc_annotation(ns, name, crate::cluster::CACHE_NAME_ANNOTATION)
+            .await
+            .map_err(|e| CsiError::Unavailable(e.to_string()))
+    }
+
+    /// Whether an inline volume's pod lets it publish: always, unless `publishWhen=on-success`,
+    /// which needs the API server to say the pod succeeded (no answer: no publish).
+    async fn pod_allows_publish(&self, record: &VolumeRecord) -> bool {
+        let Some(request) = &record.request else { return true };
+        if request.parameters.get("publishWhen").map(String::as_str) != Some("on-success") {
+            return true;
+        }
+        let (Some((ns, name)), Some(cluster)) = (&request.pod, &self.access.cluster) else {
+            tracing::info!("publishWhen=on-success without pod info or cluster access: not publishing");
+            return false;
+        };
+        match cluster.pod_outcome(ns, name).await {
+            Ok(outcome) => {
+                tracing::info!(?outcome, pod = %format!("{ns}/{name}"), "pod outcome");
+                outcome == crate::cluster::PodOutcome::Succeeded
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell whether the pod succeeded: not publishing");
+                false
+            }
+        }
     }
 
     /// Bytes the state dir's filesystem holds: the most a volume could ever grow to.

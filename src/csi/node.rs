@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use tonic::{Request, Response, Status};
 
-use super::params::{Kind, PublishWhen, VolumeParams, EPHEMERAL_KEY};
+use super::params::{Kind, VolumeParams, EPHEMERAL_KEY};
 use super::pb::{self, node_server::Node, node_service_capability};
 use super::status::CsiError;
 use super::{check_capabilities, handle, Driver};
@@ -30,6 +30,13 @@ fn required_id(value: &str) -> Result<&str, CsiError> {
         return Err(CsiError::Missing("volume_id"));
     }
     Ok(value)
+}
+
+/// The pod kubelet names in an inline volume's context (podInfoOnMount).
+fn pod_of(context: &std::collections::HashMap<String, String>) -> Option<(String, String)> {
+    let ns = context.get("csi.storage.k8s.io/pod.namespace")?;
+    let name = context.get("csi.storage.k8s.io/pod.name")?;
+    Some((ns.clone(), name.clone()))
 }
 
 fn read_only_mode(cap: &pb::VolumeCapability) -> bool {
@@ -114,14 +121,11 @@ impl Node for NodeService {
             if req.volume_context.get(EPHEMERAL_KEY).is_some_and(|v| v == "true") {
                 let id = VolumeId::new(id)
                     .map_err(|e| CsiError::Invalid { field: "volume_id".into(), rule: e.to_string() })?;
-                let params = VolumeParams::parse(&req.volume_context, Kind::Ephemeral, &driver.inline_publish)?;
+                let allowed = driver.inline_publish().await;
+                let params = VolumeParams::parse(&req.volume_context, Kind::Ephemeral, &allowed)?;
                 let _guard = driver.inflight.begin(id.as_str())?;
                 create_dir(&target).await?;
                 let mut policy = params.policy.clone();
-                // Pod phase is not looked up yet: an on-success volume cannot prove success, so it never publishes.
-                if params.publish_when == PublishWhen::OnSuccess {
-                    policy.publish = false;
-                }
                 // A read-only volume is mounted read-only and can therefore never publish.
                 if readonly {
                     policy.read_only = true;
@@ -139,6 +143,7 @@ impl Node for NodeService {
                         capacity_bytes: 0,
                         parameters: params.given.clone(),
                         ephemeral: true,
+                        pod: pod_of(&req.volume_context),
                     }),
                 };
                 driver.engine.restore(new).await?;
@@ -208,7 +213,8 @@ impl Node for NodeService {
                     if rec.request.as_ref().is_some_and(|r| r.ephemeral)
                         && rec.mount_path.as_deref() == Some(target.as_path()) =>
                 {
-                    driver.release(&rec.id, true).await?;
+                    let allow = driver.pod_allows_publish(&rec).await;
+                    driver.release(&rec.id, allow).await?;
                 }
                 _ => {
                     let engine = driver.engine.clone();

@@ -34,6 +34,9 @@ pub enum CsiError {
     /// A capacity the node cannot give.
     #[error("{0}")]
     OutOfRange(String),
+    /// A dependency (the API server) did not answer; the caller retries.
+    #[error("{0}")]
+    Unavailable(String),
     /// From the engine.
     #[error(transparent)]
     Ops(#[from] OpsError),
@@ -105,6 +108,7 @@ impl CsiError {
             CsiError::FailedPrecondition(_) => Code::FailedPrecondition,
             CsiError::Aborted(_) => Code::Aborted,
             CsiError::OutOfRange(_) => Code::OutOfRange,
+            CsiError::Unavailable(_) => Code::Unavailable,
             CsiError::Ops(e) => ops_code(e),
             CsiError::Io { .. } => Code::Internal,
         }
@@ -144,6 +148,7 @@ mod tests {
             (CsiError::FailedPrecondition("x".into()), Code::FailedPrecondition),
             (CsiError::Aborted("x".into()), Code::Aborted),
             (CsiError::OutOfRange("x".into()), Code::OutOfRange),
+            (CsiError::Unavailable("x".into()), Code::Unavailable),
             (CsiError::Io { op: "stat", path: p(), source: io_err() }, Code::Internal),
             (StoreError::Name(name_err).into(), Code::InvalidArgument),
             (StoreError::VolumeNotFound(vol()).into(), Code::NotFound),

@@ -95,6 +95,9 @@ pub struct VolumeRequest {
     pub parameters: BTreeMap<String, String>,
     /// Lives and dies with one pod (CSI inline ephemeral volume): its unpublish commits.
     pub ephemeral: bool,
+    /// The pod an inline volume belongs to, as (namespace, name), for `publishWhen=on-success`.
+    #[serde(default)]
+    pub pod: Option<(String, String)>,
 }
 
 impl VolumeRecord {

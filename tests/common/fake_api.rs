@@ -3,6 +3,8 @@
 //! with a stale resourceVersion, 404 with a Status body when absent; and it can be made slow
 //! or failing to test how errors surface.
 
+#![allow(dead_code)]
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -25,6 +27,8 @@ pub struct FakeApi {
     pub delay_ms: AtomicU64,
     /// Requests served, by method.
     pub writes: AtomicUsize,
+    /// Other objects served read-only by their API path (PVCs, pods).
+    objects: Mutex<HashMap<String, Value>>,
 }
 
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes>> {
@@ -47,6 +51,11 @@ impl FakeApi {
         self.leases.lock().unwrap().get(&(ns.to_string(), name.to_string())).cloned()
     }
 
+    /// Serves `object` at `path` (e.g. /api/v1/namespaces/ci/pods/build-1) for GET.
+    pub fn put_object(&self, path: &str, object: Value) {
+        self.objects.lock().unwrap().insert(path.to_string(), object);
+    }
+
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
         let delay = self.delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
@@ -57,6 +66,12 @@ impl FakeApi {
             return Ok(status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "etcdserver: request timed out"));
         }
         let path = req.uri().path().to_string();
+        if path.starts_with("/api/v1/") {
+            return Ok(match (req.method(), self.objects.lock().unwrap().get(&path)) {
+                (&Method::GET, Some(obj)) => respond(StatusCode::OK, obj),
+                _ => status(StatusCode::NOT_FOUND, "NotFound", &format!("{path} not found")),
+            });
+        }
         let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         // apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]
         if parts.len() < 6 || parts[..3] != ["apis", "coordination.k8s.io", "v1"] || parts[5] != "leases" {
@@ -122,6 +137,26 @@ impl FakeApi {
 
 /// Starts the fake server on 127.0.0.1; returns its state and a client pointed at it.
 pub async fn start() -> (Arc<FakeApi>, kube::Client) {
+    let (api, url) = start_http().await;
+    let mut config = kube::Config::new(url.parse().expect("url"));
+    config.default_namespace = "default".into();
+    (api, kube::Client::try_from(config).expect("client"))
+}
+
+/// Writes a kubeconfig that points at `url`, for a driver process to use.
+pub fn kubeconfig(dir: &std::path::Path, url: &str) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n\
+         users:\n- name: test\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: test\n\
+         current-context: fake\n"
+    );
+    std::fs::write(&path, text).expect("write kubeconfig");
+    path
+}
+
+/// Starts the fake server on 127.0.0.1; returns its state and its URL.
+pub async fn start_http() -> (Arc<FakeApi>, String) {
     let api = Arc::new(FakeApi::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let addr = listener.local_addr().expect("addr");
@@ -138,8 +173,5 @@ pub async fn start() -> (Arc<FakeApi>, kube::Client) {
             });
         }
     });
-    let mut config = kube::Config::new(format!("http://{addr}").parse().expect("url"));
-    config.default_namespace = "default".into();
-    let client = kube::Client::try_from(config).expect("client");
-    (api, client)
+    (api, format!("http://{addr}"))
 }

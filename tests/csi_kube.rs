@@ -1,0 +1,204 @@
+//! The driver with Kubernetes access (a fake API server over HTTP, reached through a
+//! kubeconfig as in a real deployment): cache names from PVC annotations, publishWhen=on-success
+//! from the pod's outcome, the inline publish allow-list from the config file, and Lease locks.
+
+mod common;
+#[path = "common/fake_api.rs"]
+mod fake_api;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use jobcachefs::csi::pb;
+use serde_json::json;
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+async fn serve(sb: &Sandbox, kubeconfig: &std::path::Path, extra: &[&str]) -> (Server, tonic::transport::Channel) {
+    let socket = sb.dir.path().join("csi.sock");
+    let _ = std::fs::remove_file(&socket);
+    let child = Command::new(env!("CARGO_BIN_EXE_jobcachefs"))
+        .arg("--state-dir")
+        .arg(&sb.state)
+        .args(["serve", "--endpoint", &format!("unix://{}", socket.display()), "--node-id", "node-1"])
+        .args(extra)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(sb.dir.path().join("server.log")).unwrap())
+        .spawn()
+        .expect("start server");
+    let server = Server(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "server did not start: {}",
+            std::fs::read_to_string(sb.dir.path().join("server.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let channel = jobcachefs::csi::client::connect(&format!("unix://{}", socket.display())).await.expect("connect");
+    (server, channel)
+}
+
+fn mount_cap() -> pb::VolumeCapability {
+    use pb::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
+    pb::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+    }
+}
+
+fn version(sb: &Sandbox, ns: &str, name: &str) -> u64 {
+    sb.store().head(&jobcachefs::store::CacheKey::new(ns, name).unwrap()).unwrap().map_or(0, |h| h.version)
+}
+
+async fn inline_job(
+    node: &mut pb::node_client::NodeClient<tonic::transport::Channel>,
+    sb: &Sandbox,
+    id: &str,
+    pod: &str,
+    ns: &str,
+) {
+    let target = sb.dir.path().join(format!("pods/{id}/mount"));
+    let ctx: HashMap<String, String> = [
+        ("csi.storage.k8s.io/ephemeral", "true"),
+        ("csi.storage.k8s.io/pod.namespace", ns),
+        ("csi.storage.k8s.io/pod.name", pod),
+        ("cacheName", "npm"),
+        ("publishWhen", "on-success"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    node.node_publish_volume(pb::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(mount_cap()),
+        volume_context: ctx,
+        ..Default::default()
+    })
+    .await
+    .expect("inline publish");
+    std::fs::write(target.join(format!("{pod}.txt")), pod).unwrap();
+    node.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.to_string_lossy().into(),
+    })
+    .await
+    .expect("inline unpublish");
+    assert!(!target.exists(), "target removed");
+}
+
+fn pod(phase: &str, exit: Option<i32>) -> serde_json::Value {
+    let state = match exit {
+        Some(code) => json!({"terminated": {"exitCode": code}}),
+        None => json!({"running": {}}),
+    };
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "status": {"phase": phase,
+        "containerStatuses": [{"name": "build", "image": "maven", "imageID": "", "ready": false, "restartCount": 0, "state": state}]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_name_comes_from_the_pvc_annotation() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (api, url) = fake_api::start_http().await;
+    api.put_object(
+        "/api/v1/namespaces/team/persistentvolumeclaims/build-cache",
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "build-cache", "namespace": "team", "annotations": {"jobcachefs.dev/cache-name": "maven-main"}}}),
+    );
+    let kc = fake_api::kubeconfig(sb.dir.path(), &url);
+    let (_server, channel) = serve(&sb, &kc, &[]).await;
+    let mut controller = pb::controller_client::ControllerClient::new(channel);
+    let meta = |pvc: &str| -> HashMap<String, String> {
+        [("csi.storage.k8s.io/pvc/name", pvc), ("csi.storage.k8s.io/pvc/namespace", "team")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let req = |name: &str, pvc: &str| pb::CreateVolumeRequest {
+        name: name.into(),
+        volume_capabilities: vec![mount_cap()],
+        parameters: meta(pvc),
+        ..Default::default()
+    };
+    let vol = controller.create_volume(req("pvc-1", "build-cache")).await.expect("create").into_inner().volume.unwrap();
+    assert_eq!(vol.volume_context.get("cacheName").map(String::as_str), Some("maven-main"));
+    assert_eq!(vol.volume_context.get("namespace").map(String::as_str), Some("team"));
+    let again =
+        controller.create_volume(req("pvc-1", "build-cache")).await.expect("repeat").into_inner().volume.unwrap();
+    assert_eq!(again.volume_id, vol.volume_id);
+    let err = controller.create_volume(req("pvc-2", "no-such-pvc")).await.expect_err("no annotation, no cacheName");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("cacheName"), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_success_publishes_only_for_pods_that_succeeded() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (api, url) = fake_api::start_http().await;
+    api.put_object("/api/v1/namespaces/ci/pods/ok-1", pod("Succeeded", Some(0)));
+    api.put_object("/api/v1/namespaces/ci/pods/running-done", pod("Running", Some(0)));
+    api.put_object("/api/v1/namespaces/ci/pods/bad-1", pod("Failed", Some(1)));
+    api.put_object("/api/v1/namespaces/ci/pods/still-running", pod("Running", None));
+    let kc = fake_api::kubeconfig(sb.dir.path(), &url);
+    let config = sb.dir.path().join("config.json");
+    std::fs::write(&config, r#"{"inlinePublishNamespaces": ["ci"]}"#).unwrap();
+    let (_server, channel) = serve(&sb, &kc, &["--config", config.to_str().unwrap()]).await;
+    let mut node = pb::node_client::NodeClient::new(channel);
+    inline_job(&mut node, &sb, "csi-a1", "bad-1", "ci").await;
+    assert_eq!(version(&sb, "ci", "npm"), 0, "a failed pod does not publish");
+    inline_job(&mut node, &sb, "csi-a2", "still-running", "ci").await;
+    assert_eq!(version(&sb, "ci", "npm"), 0, "an unknown outcome does not publish");
+    inline_job(&mut node, &sb, "csi-a3", "gone-pod", "ci").await;
+    assert_eq!(version(&sb, "ci", "npm"), 0, "a pod that is gone does not publish");
+    inline_job(&mut node, &sb, "csi-a4", "ok-1", "ci").await;
+    assert_eq!(version(&sb, "ci", "npm"), 1, "a succeeded pod publishes");
+    inline_job(&mut node, &sb, "csi-a5", "running-done", "ci").await;
+    assert_eq!(version(&sb, "ci", "npm"), 2, "all containers exited 0 counts as success");
+    // The allow-list is re-read: once the admin removes the namespace, nothing more publishes.
+    std::fs::write(&config, r#"{"inlinePublishNamespaces": []}"#).unwrap();
+    inline_job(&mut node, &sb, "csi-a6", "ok-1", "ci").await;
+    assert_eq!(version(&sb, "ci", "npm"), 2, "namespace no longer allowed");
+    // A broken config file fails closed.
+    std::fs::write(&config, "{not json").unwrap();
+    inline_job(&mut node, &sb, "csi-a7", "ok-1", "ci").await;
+    assert_eq!(version(&sb, "ci", "npm"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_lock_guards_publishes_through_the_driver() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (api, url) = fake_api::start_http().await;
+    let kc = fake_api::kubeconfig(sb.dir.path(), &url);
+    let (_server, channel) = serve(&sb, &kc, &["--lock", "lease", "--allow-inline-publish", "ci"]).await;
+    let mut node = pb::node_client::NodeClient::new(channel);
+    api.put_object("/api/v1/namespaces/ci/pods/ok-1", pod("Succeeded", Some(0)));
+    inline_job(&mut node, &sb, "csi-b1", "ok-1", "ci").await;
+    assert_eq!(version(&sb, "ci", "npm"), 1);
+    let name = jobcachefs::lock::lease::lease_name(&jobcachefs::store::CacheKey::new("ci", "npm").unwrap());
+    let lease = api.lease("ci", &name).expect("the publish took the cache's Lease");
+    assert!(lease["spec"]["holderIdentity"].is_null(), "and released it: {lease}");
+    assert_eq!(lease["metadata"]["labels"]["app.kubernetes.io/managed-by"], "jobcachefs");
+}
