@@ -26,6 +26,9 @@ pub struct Cli {
     /// Log filter (RUST_LOG syntax; default info for serve, warn otherwise); RUST_LOG wins when set.
     #[arg(long, global = true)]
     pub log_level: Option<String>,
+    /// A filesystem every node mounts (NFS, CephFS, EFS) for caches/ and layers/; volumes stay local.
+    #[arg(long, global = true, env = "JOBCACHEFS_SHARED_DIR")]
+    pub shared_dir: Option<PathBuf>,
     /// How long a publish waits for the cache's lock.
     #[arg(long, global = true, default_value = "30s", value_parser = humantime::parse_duration)]
     pub lock_timeout: Duration,
@@ -266,7 +269,10 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
-    let layout = Layout::new(&cli.state_dir).map_err(crate::store::StoreError::from)?;
+    let mut layout = Layout::new(&cli.state_dir).map_err(crate::store::StoreError::from)?;
+    if let Some(shared) = &cli.shared_dir {
+        layout = layout.with_shared(shared).map_err(crate::store::StoreError::from)?;
+    }
     // Bad names are refused before anything on disk is touched.
     match &cli.command {
         Command::Run(RunArgs { volume, .. }) | Command::Mount(MountArgs { volume, .. }) => {

@@ -3,61 +3,20 @@
 //! from the pod's outcome, the inline publish allow-list from the config file, and Lease locks.
 
 mod common;
+#[path = "common/csi_server.rs"]
+mod csi_server;
 #[path = "common/fake_api.rs"]
 mod fake_api;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
+use csi_server::{mount_cap, Server};
 use jobcachefs::csi::pb;
 use serde_json::json;
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ =
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
-        let _ = self.0.wait();
-    }
-}
-
 async fn serve(sb: &Sandbox, kubeconfig: &std::path::Path, extra: &[&str]) -> (Server, tonic::transport::Channel) {
-    let socket = sb.dir.path().join("csi.sock");
-    let _ = std::fs::remove_file(&socket);
-    let child = Command::new(env!("CARGO_BIN_EXE_jobcachefs"))
-        .arg("--state-dir")
-        .arg(&sb.state)
-        .args(["serve", "--endpoint", &format!("unix://{}", socket.display()), "--node-id", "node-1"])
-        .args(extra)
-        .env("KUBECONFIG", kubeconfig)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(sb.dir.path().join("server.log")).unwrap())
-        .spawn()
-        .expect("start server");
-    let server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "server did not start: {}",
-            std::fs::read_to_string(sb.dir.path().join("server.log")).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let channel = jobcachefs::csi::client::connect(&format!("unix://{}", socket.display())).await.expect("connect");
-    (server, channel)
-}
-
-fn mount_cap() -> pb::VolumeCapability {
-    use pb::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
-    pb::VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume::default())),
-        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
-    }
+    csi_server::serve(sb.dir.path(), &sb.state, "node-1", extra, &[("KUBECONFIG", kubeconfig)]).await
 }
 
 fn version(sb: &Sandbox, ns: &str, name: &str) -> u64 {
@@ -72,33 +31,10 @@ async fn inline_job(
     ns: &str,
 ) {
     let target = sb.dir.path().join(format!("pods/{id}/mount"));
-    let ctx: HashMap<String, String> = [
-        ("csi.storage.k8s.io/ephemeral", "true"),
-        ("csi.storage.k8s.io/pod.namespace", ns),
-        ("csi.storage.k8s.io/pod.name", pod),
-        ("cacheName", "npm"),
-        ("publishWhen", "on-success"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    node.node_publish_volume(pb::NodePublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.to_string_lossy().into(),
-        volume_capability: Some(mount_cap()),
-        volume_context: ctx,
-        ..Default::default()
-    })
-    .await
-    .expect("inline publish");
+    csi_server::inline_publish(node, id, &target, ns, pod, &[("cacheName", "npm"), ("publishWhen", "on-success")])
+        .await;
     std::fs::write(target.join(format!("{pod}.txt")), pod).unwrap();
-    node.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.to_string_lossy().into(),
-    })
-    .await
-    .expect("inline unpublish");
-    assert!(!target.exists(), "target removed");
+    csi_server::inline_unpublish(node, id, &target).await;
 }
 
 fn pod(phase: &str, exit: Option<i32>) -> serde_json::Value {

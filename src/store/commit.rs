@@ -69,7 +69,7 @@ impl Store {
                 }));
             }
             let dest = self.layout.layer_dir(layer);
-            if dest.is_dir() && !upper.exists() {
+            if dest.is_dir() {
                 // A crash between the rename and the layer record: finish the record.
                 let stats = tree::measure(&dest)?;
                 return self.record_layer(&record, layer.clone(), stats);
@@ -97,14 +97,32 @@ impl Store {
                 record.pending = Some(layer.clone());
                 // Pin the id before the rename so gc never sees the new layer unreferenced.
                 atomic::write_json(&self.layout.volume_record(id), &record)?;
+                self.write_pin(&record)?;
                 layer
             }
         };
         failpoint::hit("commit.after-pending");
         let dest = self.layout.layer_dir(&layer);
-        std::fs::rename(&upper, &dest).map_err(|e| StoreError::io("rename upper to layer", &upper, e))?;
+        if self.layout.is_shared() {
+            self.copy_to_shared(&upper, &layer)?;
+        } else {
+            std::fs::rename(&upper, &dest).map_err(|e| StoreError::io("rename upper to layer", &upper, e))?;
+        }
         failpoint::hit("commit.after-rename");
         self.record_layer(&record, layer, stats)
+    }
+
+    /// A shared store is another filesystem: copy the upper (O(delta)) under a scratch name that
+    /// gc sweeps, make it durable there, then rename it into place.
+    fn copy_to_shared(&self, upper: &std::path::Path, layer: &LayerId) -> Result<(), StoreError> {
+        let incoming = self.layout.layers_dir().join(format!(".incoming-{layer}"));
+        tree::remove_tree(&incoming)?;
+        // Whiteouts and opaque markers are the delta's deletions: they must travel with it.
+        tree::copy_tree(upper, &incoming, tree::CopyOptions { keep_overlay_xattrs: true }, &mut |_| {})?;
+        sync_filesystem(&incoming)?;
+        let dest = self.layout.layer_dir(layer);
+        std::fs::rename(&incoming, &dest).map_err(|e| StoreError::io("rename incoming layer", &incoming, e))?;
+        atomic::sync_dir(&self.layout.layers_dir())
     }
 
     fn record_layer(&self, volume: &VolumeRecord, layer: LayerId, stats: TreeStats) -> Result<Prepared, StoreError> {

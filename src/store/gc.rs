@@ -3,7 +3,6 @@
 //! from pinning a layer collection is about to delete.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
 use std::io;
 use std::path::PathBuf;
 
@@ -53,6 +52,13 @@ impl Store {
                     }
                 }
             }
+            match self.shared_pins() {
+                Ok(pins) => live.extend(pins),
+                Err(e) => {
+                    report.deferred.push(format!("pins: {e}; no layers collected"));
+                    return Ok(report);
+                }
+            }
             for key in self.caches()? {
                 match self.head(&key) {
                     Ok(Some(head)) => live.extend(head.layers),
@@ -69,7 +75,14 @@ impl Store {
             for name in read_dir(&layers_dir)? {
                 let text = name.to_string_lossy();
                 if text.starts_with('.') {
-                    remove_file_quiet(&layers_dir.join(&name))?;
+                    // Half-written temp files, copies and squashes whose writer is gone (it
+                    // would hold the state lock shared), and trash from an interrupted gc.
+                    let path = layers_dir.join(&name);
+                    if path.is_dir() {
+                        doomed.push(self.move_to_trash(&path)?);
+                    } else {
+                        remove_file_quiet(&path)?;
+                    }
                     report.scratch_removed += 1;
                     continue;
                 }
@@ -93,8 +106,20 @@ impl Store {
             }
             // Nothing else uses tmp/ while we hold the lock exclusively (squash holds it shared).
             for name in read_dir(&self.layout.tmp_dir())? {
-                doomed.push(self.layout.tmp_dir().join(name));
+                let path = self.layout.tmp_dir().join(name);
+                // A squash killed mid-copy leaves its read-only view mounted: take it down first.
+                if let Err(e) = mounter.unmount(&path.join("view")) {
+                    report.deferred.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+                doomed.push(path);
                 report.scratch_removed += 1;
+            }
+            for name in read_dir(&self.layout.volumes_dir())? {
+                if name.to_string_lossy().starts_with('.') {
+                    doomed.push(self.move_to_trash(&self.layout.volumes_dir().join(name))?);
+                    report.scratch_removed += 1;
+                }
             }
             failpoint::hit("gc.after-trash");
         }
@@ -140,9 +165,11 @@ impl Store {
         Ok(())
     }
 
+    /// Renames `path` to a fresh `.trash-*` name beside it (same filesystem, shared or not), so
+    /// deleting it later can never reach a directory that reuses its old name.
     fn move_to_trash(&self, path: &std::path::Path) -> Result<PathBuf, StoreError> {
-        let name: OsString = format!("trash-{}", LayerId::generate()).into();
-        let dest = self.layout.tmp_dir().join(name);
+        let parent = path.parent().unwrap_or(self.layout.root());
+        let dest = parent.join(format!(".trash-{}", LayerId::generate()));
         match std::fs::rename(path, &dest) {
             Ok(()) => Ok(dest),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(dest),

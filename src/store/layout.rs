@@ -179,30 +179,62 @@ pub struct StateDirError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     root: PathBuf,
+    shared: Option<PathBuf>,
+}
+fn check_dir(root: &Path) -> Result<(), StateDirError> {
+    let text = root.as_os_str().as_encoded_bytes();
+    if !root.is_absolute() {
+        return Err(StateDirError { path: root.to_path_buf(), rule: "must be an absolute path" });
+    }
+    if text.iter().any(|b| matches!(b, b',' | b':' | b'\\' | 0) || b.is_ascii_control()) {
+        return Err(StateDirError {
+            path: root.to_path_buf(),
+            rule: "must not contain ',', ':', '\\' or control characters (they break overlay mount options)",
+        });
+    }
+    // Every layer path is the root plus 16 bytes; keep 32 of them inside one page.
+    if text.len() > 96 {
+        return Err(StateDirError {
+            path: root.to_path_buf(),
+            rule: "must be at most 96 bytes long so deep layer stacks fit in one page of mount options",
+        });
+    }
+    Ok(())
 }
 
 impl Layout {
     /// Accepts an absolute path whose text is safe inside overlay mount options.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, StateDirError> {
         let root = root.into();
-        let text = root.as_os_str().as_encoded_bytes();
-        if !root.is_absolute() {
-            return Err(StateDirError { path: root, rule: "must be an absolute path" });
-        }
-        if text.iter().any(|b| matches!(b, b',' | b':' | b'\\' | 0) || b.is_ascii_control()) {
-            return Err(StateDirError {
-                path: root,
-                rule: "must not contain ',', ':', '\\' or control characters (they break overlay mount options)",
-            });
-        }
-        // Every layer path is the root plus 16 bytes; keep 32 of them inside one page.
-        if text.len() > 96 {
-            return Err(StateDirError {
-                path: root,
-                rule: "must be at most 96 bytes long so deep layer stacks fit in one page of mount options",
-            });
-        }
-        Ok(Self { root })
+        check_dir(&root)?;
+        Ok(Self { root, shared: None })
+    }
+
+    /// Puts `caches/` and `layers/` (and the state-wide lock) under `shared`, a filesystem every
+    /// node mounts; volumes, scratch and mount points stay on this node's state dir.
+    pub fn with_shared(mut self, shared: impl Into<PathBuf>) -> Result<Self, StateDirError> {
+        let shared = shared.into();
+        check_dir(&shared)?;
+        self.shared = Some(shared);
+        Ok(self)
+    }
+
+    /// Whether layers live on another filesystem than volumes (a commit copies, not renames).
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Where HEADs and layers live: the shared dir, or the state dir.
+    fn store_root(&self) -> &Path {
+        self.shared.as_deref().unwrap_or(&self.root)
+    }
+    /// Pins of volumes on every node (shared stores only): one file per volume naming its layers.
+    pub fn pins_dir(&self) -> PathBuf {
+        self.store_root().join("pins")
+    }
+    /// One volume's pin file.
+    pub fn pin_path(&self, id: &VolumeId) -> PathBuf {
+        self.pins_dir().join(format!("{id}.json"))
     }
 
     /// The state dir itself.
@@ -211,7 +243,7 @@ impl Layout {
     }
     /// Parent of every cache's directory.
     pub fn caches_dir(&self) -> PathBuf {
-        self.root.join("caches")
+        self.store_root().join("caches")
     }
     /// Parent of one namespace's caches.
     pub fn namespace_dir(&self, namespace: &Name) -> PathBuf {
@@ -235,7 +267,7 @@ impl Layout {
     }
     /// Parent of every layer.
     pub fn layers_dir(&self) -> PathBuf {
-        self.root.join("layers")
+        self.store_root().join("layers")
     }
     /// One layer's tree.
     pub fn layer_dir(&self, id: &LayerId) -> PathBuf {
@@ -283,7 +315,7 @@ impl Layout {
     }
     /// The state-wide lock that keeps pinning and garbage collection apart.
     pub fn gc_lock_path(&self) -> PathBuf {
-        self.root.join("gc.lock")
+        self.store_root().join("gc.lock")
     }
     /// Where the start-up probe remembers that this filesystem can hold uppers.
     pub fn probe_record(&self) -> PathBuf {

@@ -122,6 +122,7 @@ impl Store {
             layout.volumes_dir(),
             layout.tmp_dir(),
             layout.empty_layer(),
+            layout.pins_dir(),
         ] {
             std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
         }
@@ -187,6 +188,7 @@ impl Store {
         atomic::create_dir_durable(&self.layout.volume_dir(&req.id))?;
         // The record goes down before any mount so the layers are pinned from the first moment.
         atomic::write_json(&self.layout.volume_record(&req.id), &record)?;
+        self.write_pin(&record)?;
         self.create_volume_dirs(&req.id)?;
         self.touch_used(&record.base.from);
         Ok(record)
@@ -293,8 +295,43 @@ impl Store {
             Err(e) => return Err(StoreError::io("move to trash", &dir, e)),
         }
         atomic::sync_dir(&self.layout.volumes_dir())?;
+        self.remove_pin(id)?;
         tree::remove_tree(&trash)?;
         Ok(())
+    }
+
+    /// On a shared store, records on the shared filesystem which layers this node's volume
+    /// keeps alive, so gc on any node sees them. Local stores read the volume records instead.
+    pub(crate) fn write_pin(&self, record: &VolumeRecord) -> Result<(), StoreError> {
+        if !self.layout.is_shared() {
+            return Ok(());
+        }
+        let pinned: Vec<&LayerId> = record.pinned().collect();
+        atomic::write_json(&self.layout.pin_path(&record.id), &pinned)
+    }
+
+    fn remove_pin(&self, id: &VolumeId) -> Result<(), StoreError> {
+        match std::fs::remove_file(self.layout.pin_path(id)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io("remove", self.layout.pin_path(id), e)),
+        }
+    }
+
+    /// Layers pinned through the shared pin files (empty for a local store).
+    pub(crate) fn shared_pins(&self) -> Result<Vec<LayerId>, StoreError> {
+        let dir = self.layout.pins_dir();
+        let mut out = Vec::new();
+        for name in read_dir(&dir)? {
+            let text = name.to_string_lossy();
+            if !text.ends_with(".json") {
+                continue;
+            }
+            if let Some(layers) = atomic::read_json::<Vec<LayerId>>(&dir.join(&name))? {
+                out.extend(layers);
+            }
+        }
+        Ok(out)
     }
 
     /// Every cache that has a directory, sorted.

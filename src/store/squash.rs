@@ -57,7 +57,9 @@ impl Store {
         let layer = LayerId::generate();
         let scratch = self.layout.tmp_dir().join(format!("squash-{layer}"));
         let view = scratch.join("view");
-        let flat = scratch.join("flat");
+        // Built beside the layers (a shared filesystem, maybe) so it can be renamed into place;
+        // gc sweeps such dot-names only under its exclusive lock, which our shared pin excludes.
+        let flat = self.layout.layers_dir().join(format!(".squash-{layer}"));
         atomic::create_dir_durable(&view)?;
         let spec = OverlaySpec {
             readonly: false,

@@ -1,0 +1,126 @@
+//! Two driver processes as two nodes sharing caches/ and layers/ on another filesystem (a
+//! tmpfs standing in for NFS/CephFS), with Lease locks from a fake API server: versions made
+//! on one node are restored on the other, whiteouts travel, stale publishes never roll back,
+//! and gc on one node never takes layers a volume on the other node still uses.
+
+mod common;
+#[path = "common/csi_server.rs"]
+mod csi_server;
+#[path = "common/fake_api.rs"]
+mod fake_api;
+
+use std::fs;
+use std::path::Path;
+
+use common::*;
+use csi_server::{inline_publish, inline_unpublish};
+use jobcachefs::mount::{Mounter, SysMounter};
+
+const ATTRS: &[(&str, &str)] = &[("cacheName", "npm")];
+
+fn version(shared: &Path, local: &Path) -> u64 {
+    let layout = jobcachefs::store::Layout::new(local).unwrap().with_shared(shared).unwrap();
+    let store = jobcachefs::store::Store::open(layout).unwrap();
+    store.head(&jobcachefs::store::CacheKey::new("ci", "npm").unwrap()).unwrap().map_or(0, |h| h.version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_exchange_versions_through_a_shared_store() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let shared = sb.path("shared");
+    nix::mount::mount(Some("tmpfs"), &shared, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=64m"))
+        .expect("mount tmpfs as the shared filesystem");
+    let (a_state, b_state) = (sb.dir.path().join("node-a"), sb.dir.path().join("node-b"));
+    let (_api, url) = fake_api::start_http().await;
+    let kc = fake_api::kubeconfig(sb.dir.path(), &url);
+    let shared_arg = shared.to_str().unwrap();
+    let args = ["--shared-dir", shared_arg, "--lock", "lease", "--allow-inline-publish", "ci"];
+    let env = [("KUBECONFIG", kc.as_path())];
+    let (server_a, chan_a) = csi_server::serve(sb.dir.path(), &a_state, "node-a", &args, &env).await;
+    let (server_b, chan_b) = csi_server::serve(sb.dir.path(), &b_state, "node-b", &args, &env).await;
+    let mut a = jobcachefs::csi::pb::node_client::NodeClient::new(chan_a);
+    let mut b = jobcachefs::csi::pb::node_client::NodeClient::new(chan_b);
+    let pod = |n: &str| sb.dir.path().join(format!("pods/{n}/mount"));
+
+    // Node A publishes v1.
+    inline_publish(&mut a, "csi-a1", &pod("a1"), "ci", "a1", ATTRS).await;
+    fs::create_dir_all(pod("a1").join("lib")).unwrap();
+    fs::write(pod("a1").join("lib/left-pad.js"), "v1").unwrap();
+    fs::write(pod("a1").join("old.txt"), "old").unwrap();
+    inline_unpublish(&mut a, "csi-a1", &pod("a1")).await;
+    assert_eq!(version(&shared, &a_state), 1);
+    assert!(
+        fs::read_dir(a_state.join("layers")).map(|d| d.count()).unwrap_or(0) == 0,
+        "layers live on the shared filesystem, not the node"
+    );
+
+    // Node B restores it, deletes a file and replaces a directory, publishes v2.
+    inline_publish(&mut b, "csi-b1", &pod("b1"), "ci", "b1", ATTRS).await;
+    assert_eq!(fs::read_to_string(pod("b1").join("lib/left-pad.js")).unwrap(), "v1", "B sees A's version");
+    fs::remove_file(pod("b1").join("old.txt")).unwrap();
+    fs::remove_dir_all(pod("b1").join("lib")).unwrap();
+    fs::create_dir(pod("b1").join("lib")).unwrap();
+    fs::write(pod("b1").join("lib/right-pad.js"), "v2").unwrap();
+    inline_unpublish(&mut b, "csi-b1", &pod("b1")).await;
+    assert_eq!(version(&shared, &b_state), 2);
+
+    // Node A sees B's deletions too: whiteouts and opaque directories crossed filesystems.
+    inline_publish(&mut a, "csi-a2", &pod("a2"), "ci", "a2", ATTRS).await;
+    assert!(!pod("a2").join("old.txt").exists(), "deleted on B, gone on A");
+    let names: Vec<_> = fs::read_dir(pod("a2").join("lib")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("right-pad.js")]);
+
+    // Both nodes work from v2; A publishes first, B's publish is stale and rolls nothing back.
+    inline_publish(&mut b, "csi-b2", &pod("b2"), "ci", "b2", ATTRS).await;
+    fs::write(pod("a2").join("from-a"), "a").unwrap();
+    fs::write(pod("b2").join("from-b"), "b").unwrap();
+    inline_unpublish(&mut a, "csi-a2", &pod("a2")).await;
+    assert_eq!(version(&shared, &a_state), 3);
+
+    // B still has v2 mounted while A squashes and collects: B's pinned layers must survive.
+    let cli = |state: &Path, args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_jobcachefs"))
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--shared-dir", shared_arg])
+            .args(args)
+            .output()
+            .expect("run cli")
+    };
+    let out = cli(&a_state, &["cache", "squash", "npm", "--namespace", "ci", "--max-depth", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&a_state, &["cache", "gc"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        fs::read_to_string(pod("b2").join("lib/right-pad.js")).unwrap(),
+        "v2",
+        "B's mounted layers survived A's gc"
+    );
+    inline_unpublish(&mut b, "csi-b2", &pod("b2")).await;
+    assert_eq!(version(&shared, &b_state), 3, "stale publish from B skipped, no rollback");
+
+    // A later reader on B sees A's v3 (squashed) and not B's stale change.
+    inline_publish(&mut b, "csi-b3", &pod("b3"), "ci", "b3", &[("cacheName", "npm"), ("publish", "false")]).await;
+    assert_eq!(fs::read_to_string(pod("b3").join("from-a")).unwrap(), "a");
+    assert!(!pod("b3").join("from-b").exists());
+    inline_unpublish(&mut b, "csi-b3", &pod("b3")).await;
+    let out = cli(&b_state, &["cache", "gc", "--json"]);
+    assert!(out.status.success());
+    let head: serde_json::Value =
+        serde_json::from_slice(&fs::read(shared.join("caches/ci/npm/head.json")).unwrap()).unwrap();
+    let mut on_disk: Vec<String> = fs::read_dir(shared.join("layers"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".json"))
+        .collect();
+    on_disk.sort();
+    let mut named: Vec<String> =
+        head["layers"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect();
+    named.sort();
+    assert_eq!(on_disk, named, "once nothing pins them, only HEAD's layers remain");
+    drop((server_a, server_b));
+    let _ = SysMounter.unmount(&shared);
+}
