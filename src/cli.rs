@@ -827,6 +827,28 @@ mod tests {
     }
 
     #[test]
+    fn the_helm_charts_serve_arguments_parse() {
+        let cli = Cli::try_parse_from([
+            "jobcachefs",
+            "--state-dir=/var/lib/jobcachefs",
+            "--log-level=info",
+            "serve",
+            "--endpoint=unix:///csi/csi.sock",
+            "--node-id=node-1",
+            "--config=/etc/jobcachefs/config.json",
+            "--lock=lease",
+            "--shared-dir=/shared",
+            "--publish-deadline=10m",
+            "--lock-timeout=30s",
+        ])
+        .unwrap();
+        assert_eq!(cli.shared_dir.as_deref(), Some(Path::new("/shared")));
+        let Command::Serve(args) = cli.command else { panic!("not serve") };
+        assert_eq!(args.lock, LockBackend::Lease);
+        assert_eq!(args.config.as_deref(), Some(Path::new("/etc/jobcachefs/config.json")));
+    }
+
+    #[test]
     fn bad_values_name_the_flag() {
         let err = Cli::try_parse_from(["jobcachefs", "run", "--cache", "m", "--on-stale", "merge", "--", "true"])
             .unwrap_err();

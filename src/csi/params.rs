@@ -117,9 +117,21 @@ impl VolumeParams {
             if item.is_empty() {
                 continue;
             }
-            // Fallbacks stay inside the volume's namespace: tenants never read each other's caches.
-            let fb = Name::new(item).map_err(|e| invalid("fallbackCaches", &e.to_string()))?;
-            fallbacks.push(CacheKey { namespace: cache.namespace.clone(), name: fb });
+            let bad = |e: crate::store::NameError| invalid("fallbackCaches", &e.to_string());
+            let key = match (item.split_once('/'), kind) {
+                // An admin-owned StorageClass may point a pull-request namespace at main's cache
+                // in another namespace: read-only, since fallbacks are only ever restored.
+                (Some((ns, name)), Kind::Persistent) => CacheKey::new(ns, name).map_err(bad)?,
+                (Some(_), Kind::Ephemeral) => {
+                    return Err(invalid(
+                        "fallbackCaches",
+                        "inline volumes may only fall back to caches of their own namespace (no NAMESPACE/NAME)",
+                    ))
+                }
+                // Otherwise fallbacks stay inside the volume's namespace.
+                (None, _) => CacheKey { namespace: cache.namespace.clone(), name: Name::new(item).map_err(bad)? },
+            };
+            fallbacks.push(key);
         }
         let given =
             map.iter().filter(|(k, _)| !k.starts_with(METADATA_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -189,6 +201,17 @@ mod tests {
         let p = VolumeParams::parse(&sneaky, Kind::Ephemeral, &allowed).unwrap();
         assert!(!p.policy.publish);
         assert_eq!(p.cache.namespace.as_str(), "dev");
+    }
+
+    #[test]
+    fn cross_namespace_fallbacks_only_from_storage_classes() {
+        let pvc = map(&[("cacheName", "pr-1"), ("fallbackCaches", "builds/main"), (PVC_NAMESPACE, "prs")]);
+        let p = VolumeParams::parse(&pvc, Kind::Persistent, &HashSet::new()).unwrap();
+        assert_eq!(p.fallbacks[0].to_string(), "builds/main");
+        assert_eq!(p.cache.to_string(), "prs/pr-1");
+        let inline = map(&[("cacheName", "pr-1"), ("fallbackCaches", "builds/main"), (POD_NAMESPACE, "prs")]);
+        let err = VolumeParams::parse(&inline, Kind::Ephemeral, &HashSet::new()).unwrap_err();
+        assert!(err.to_string().contains("own namespace"), "{err}");
     }
 
     #[test]

