@@ -75,6 +75,9 @@ pub struct ServeArgs {
     /// The publish lock: a file lock (one node) or a Kubernetes Lease (a shared store).
     #[arg(long, value_enum, default_value = "file")]
     pub lock: LockBackend,
+    /// Kubelet's directory: every staging and target path must lie inside it ("" allows any path).
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
     /// How long a Lease stays valid without renewal (a dead holder blocks others this long).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
@@ -592,7 +595,17 @@ async fn serve_command(engine: Engine, args: ServeArgs) -> Result<ExitCode, CliE
         let lease = crate::lock::LeaseLock::new(client, crate::lock::LeaseLock::holder_for(&args.node_id), timing);
         engine = engine.with_lock(Arc::new(lease));
     }
+    let kubelet_dir = if args.kubelet_dir.as_os_str().is_empty() {
+        None
+    } else {
+        Some(std::fs::canonicalize(&args.kubelet_dir).map_err(|source| CliError::Io {
+            op: "resolve --kubelet-dir",
+            path: args.kubelet_dir.clone(),
+            source,
+        })?)
+    };
     let access = crate::csi::Access {
+        kubelet_dir,
         inline_publish: args.allow_inline_publish.into_iter().collect(),
         config_file: args.config,
         cluster: client.map(|c| {

@@ -62,6 +62,8 @@ impl Server {
             .args(["--log-level", "info", "serve", "--endpoint"])
             .arg(format!("unix://{}", socket.display()))
             .args(["--node-id", NODE])
+            .arg("--kubelet-dir")
+            .arg(sb.dir.path())
             .args(extra)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -1653,11 +1655,20 @@ fn serve_refuses_to_replace_a_file_that_is_not_a_socket() {
     let sb = Sandbox::new();
     let socket = sb.dir.path().join("csi.sock");
     write(&socket, "precious");
-    let out = sb.cli(&["serve", "--endpoint", &format!("unix://{}", socket.display()), "--node-id", NODE]);
+    let kubelet = sb.dir.path().to_str().unwrap();
+    let out = sb.cli(&[
+        "serve",
+        "--endpoint",
+        &format!("unix://{}", socket.display()),
+        "--node-id",
+        NODE,
+        "--kubelet-dir",
+        kubelet,
+    ]);
     assert!(!out.status.success(), "serve must refuse: {}", stderr(&out));
     assert!(stderr(&out).contains("not a socket"), "{}", stderr(&out));
     assert_eq!(read(&socket), "precious", "a file that is not a socket is left alone");
-    let out = sb.cli(&["serve", "--endpoint", "tcp://127.0.0.1:1234", "--node-id", NODE]);
+    let out = sb.cli(&["serve", "--endpoint", "tcp://127.0.0.1:1234", "--node-id", NODE, "--kubelet-dir", kubelet]);
     assert!(!out.status.success(), "only unix sockets are served: {}", stderr(&out));
     assert!(stderr(&out).contains("unix://"), "{}", stderr(&out));
 }

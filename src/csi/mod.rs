@@ -45,6 +45,8 @@ pub struct Access {
     pub config_file: Option<PathBuf>,
     /// Kubernetes look-ups; `None` when the driver runs without cluster access.
     pub cluster: Option<Arc<dyn Cluster>>,
+    /// Staging and target paths must lie under this directory (kubelet's), canonical.
+    pub kubelet_dir: Option<PathBuf>,
 }
 
 /// The driver config file: `{"inlinePublishNamespaces": ["ci"]}`.
@@ -142,6 +144,46 @@ impl Driver {
             Some(r) => tracing::info!(elapsed_ms = ms, "commit: {r}"),
         }
         Ok(())
+    }
+
+    /// Validates a staging or target path: absolute, no `..`, under the kubelet dir, never
+    /// through a symlink (a pod could plant one to aim our mounts elsewhere), and never inside
+    /// the state or shared dir.
+    fn check_path(&self, value: &str, field: &'static str) -> Result<PathBuf, CsiError> {
+        use std::path::Component;
+        let invalid = |rule: String| CsiError::Invalid { field: field.into(), rule };
+        if value.is_empty() {
+            return Err(CsiError::Missing(field));
+        }
+        if value.len() > 4096 || value.contains('\0') || value.chars().any(char::is_control) {
+            return Err(invalid("must be a path of at most 4096 bytes without NUL or control characters".into()));
+        }
+        let path = PathBuf::from(value);
+        if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+            return Err(invalid("must be an absolute path without '.' or '..' components".into()));
+        }
+        let layout = self.engine.store().layout();
+        for root in [Some(layout.root()), layout.shared_root()].into_iter().flatten() {
+            if path.starts_with(root) {
+                return Err(invalid(format!("must not be inside the driver's state dir {}", root.display())));
+            }
+        }
+        let Some(kubelet) = &self.access.kubelet_dir else { return Ok(path) };
+        let Ok(rest) = path.strip_prefix(kubelet) else {
+            return Err(invalid(format!("must be inside the kubelet directory {}", kubelet.display())));
+        };
+        let mut walk = kubelet.clone();
+        for part in rest.components() {
+            walk.push(part);
+            match std::fs::symlink_metadata(&walk) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(invalid(format!("must not be or pass through a symlink ({})", walk.display())))
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        Ok(path)
     }
 
     /// The cache name a PVC's annotation gives, when the StorageClass gave none.

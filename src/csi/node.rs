@@ -14,17 +14,6 @@ use crate::store::{NewVolume, VolumeId, VolumeRequest};
 /// Node service.
 pub struct NodeService(pub std::sync::Arc<Driver>);
 
-fn required_path(value: &str, field: &'static str) -> Result<PathBuf, CsiError> {
-    if value.is_empty() {
-        return Err(CsiError::Missing(field));
-    }
-    let path = PathBuf::from(value);
-    if !path.is_absolute() || value.contains('\0') {
-        return Err(CsiError::Invalid { field: field.into(), rule: "must be an absolute path".into() });
-    }
-    Ok(path)
-}
-
 fn required_id(value: &str) -> Result<&str, CsiError> {
     if value.is_empty() {
         return Err(CsiError::Missing("volume_id"));
@@ -76,7 +65,7 @@ impl Node for NodeService {
         let driver = self.0.clone();
         handle("NodeStageVolume", &req.volume_id.clone(), async move {
             let id = required_id(&req.volume_id)?;
-            let staging = required_path(&req.staging_target_path, "staging_target_path")?;
+            let staging = driver.check_path(&req.staging_target_path, "staging_target_path")?;
             let cap = req.volume_capability.ok_or(CsiError::Missing("volume_capability"))?;
             check_capabilities(std::slice::from_ref(&cap), "volume_capability")?;
             let record = driver.existing(id).await?;
@@ -96,7 +85,7 @@ impl Node for NodeService {
         let driver = self.0.clone();
         handle("NodeUnstageVolume", &req.volume_id.clone(), async move {
             let id = required_id(&req.volume_id)?;
-            let staging = required_path(&req.staging_target_path, "staging_target_path")?;
+            let staging = driver.check_path(&req.staging_target_path, "staging_target_path")?;
             let Ok(id) = VolumeId::new(id) else { return Ok(pb::NodeUnstageVolumeResponse {}) };
             let _guard = driver.inflight.begin(id.as_str())?;
             // The upper stays: DeleteVolume publishes it.
@@ -114,7 +103,7 @@ impl Node for NodeService {
         let driver = self.0.clone();
         handle("NodePublishVolume", &req.volume_id.clone(), async move {
             let id = required_id(&req.volume_id)?;
-            let target = required_path(&req.target_path, "target_path")?;
+            let target = driver.check_path(&req.target_path, "target_path")?;
             let cap = req.volume_capability.ok_or(CsiError::Missing("volume_capability"))?;
             check_capabilities(std::slice::from_ref(&cap), "volume_capability")?;
             let readonly = req.readonly || read_only_mode(&cap);
@@ -149,7 +138,7 @@ impl Node for NodeService {
                 driver.engine.restore(new).await?;
                 return Ok(pb::NodePublishVolumeResponse {});
             }
-            let staging = required_path(&req.staging_target_path, "staging_target_path")?;
+            let staging = driver.check_path(&req.staging_target_path, "staging_target_path")?;
             let record = driver.existing(id).await?;
             let _guard = driver.inflight.begin(id)?;
             let engine = driver.engine.clone();
@@ -197,7 +186,7 @@ impl Node for NodeService {
         let driver = self.0.clone();
         handle("NodeUnpublishVolume", &req.volume_id.clone(), async move {
             let id = required_id(&req.volume_id)?;
-            let target = required_path(&req.target_path, "target_path")?;
+            let target = driver.check_path(&req.target_path, "target_path")?;
             let id = VolumeId::new(id).ok();
             let _guard = match &id {
                 Some(id) => Some(driver.inflight.begin(id.as_str())?),

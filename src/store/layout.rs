@@ -224,6 +224,11 @@ impl Layout {
         self.shared.is_some()
     }
 
+    /// The shared dir, when there is one.
+    pub fn shared_root(&self) -> Option<&Path> {
+        self.shared.as_deref()
+    }
+
     /// Where HEADs and layers live: the shared dir, or the state dir.
     fn store_root(&self) -> &Path {
         self.shared.as_deref().unwrap_or(&self.root)

@@ -38,6 +38,8 @@ pub async fn serve(dir: &Path, state: &Path, node: &str, extra: &[&str], env: &[
     cmd.arg("--state-dir")
         .arg(state)
         .args(["serve", "--endpoint", &format!("unix://{}", socket.display()), "--node-id", node])
+        .arg("--kubelet-dir")
+        .arg(dir)
         .args(extra)
         .env_remove("RUST_LOG")
         .env_remove("KUBECONFIG")
