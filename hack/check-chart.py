@@ -292,6 +292,7 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
     r.equal(glob.get("log-level"), want["logLevel"], f"{t} driver --log-level {want['logLevel']}")
     r.equal(serve.get("endpoint"), "unix:///csi/csi.sock", f"{t} driver --endpoint unix:///csi/csi.sock")
     r.equal(serve.get("node-id"), "$(NODE_NAME)", f"{t} driver --node-id $(NODE_NAME)")
+    r.equal(serve.get("kubelet-dir"), kubelet, f"{t} driver --kubelet-dir confines paths to {kubelet}")
     r.equal(serve.get("config"), "/etc/jobcachefs/config.json", f"{t} driver --config /etc/jobcachefs/config.json")
     r.equal(serve.get("lock"), want["lock"], f"{t} driver --lock {want['lock']}")
     shared_what = f"--shared-dir {want['sharedMount']}" if want["sharedMount"] else "no --shared-dir"
