@@ -78,6 +78,18 @@ pub struct ServeArgs {
     /// Kubelet's directory: every staging and target path must lie inside it ("" allows any path).
     #[arg(long, default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
+    /// Squash a cache in the background once a commit makes it deeper than this.
+    #[arg(long, default_value_t = DEFAULT_MAX_DEPTH)]
+    pub max_depth: usize,
+    /// How often to collect garbage and evict (also once at start-up).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub gc_interval: Duration,
+    /// Evict caches unused for longer than this (e.g. 14d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_idle: Option<Duration>,
+    /// Evict least recently used caches until the rest fit in this many bytes (e.g. 200GiB).
+    #[arg(long, value_parser = parse_size)]
+    pub budget: Option<u64>,
     /// How long a Lease stays valid without renewal (a dead holder blocks others this long).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
@@ -612,7 +624,14 @@ async fn serve_command(engine: Engine, args: ServeArgs) -> Result<ExitCode, CliE
             Arc::new(crate::cluster::KubeCluster::new(c, Duration::from_secs(5))) as Arc<dyn crate::cluster::Cluster>
         }),
     };
-    let driver = Arc::new(crate::csi::Driver::new(engine, args.node_id, access));
+    let maintenance = crate::csi::Maintenance {
+        max_depth: args.max_depth,
+        gc_interval: args.gc_interval,
+        max_idle: args.max_idle,
+        budget_bytes: args.budget,
+    };
+    let driver = Arc::new(crate::csi::Driver::new(engine, args.node_id, access, maintenance));
+    let upkeep = tokio::spawn(driver.clone().run_maintenance());
     let io_err = |source| CliError::Io { op: "install signal handler", path: PathBuf::from("SIGTERM"), source };
     let mut term = signal(SignalKind::terminate()).map_err(io_err)?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err)?;
@@ -623,7 +642,9 @@ async fn serve_command(engine: Engine, args: ServeArgs) -> Result<ExitCode, CliE
         }
         tracing::info!("shutting down");
     };
-    crate::csi::serve(&socket, driver, shutdown).await.map_err(|e| CliError::Usage(e.to_string()))?;
+    let served = crate::csi::serve(&socket, driver, shutdown).await;
+    upkeep.abort();
+    served.map_err(|e| CliError::Usage(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -58,12 +58,38 @@ pub struct DriverConfig {
     pub inline_publish_namespaces: Vec<String>,
 }
 
+/// Background upkeep: when to squash, how often to collect, what to evict.
+#[derive(Debug, Clone, Copy)]
+pub struct Maintenance {
+    /// Squash a cache deeper than this many layers, after the commit that made it so.
+    pub max_depth: usize,
+    /// How often to collect garbage and evict (also once at start-up, for a crash's orphans).
+    pub gc_interval: std::time::Duration,
+    /// Evict caches unused for longer than this.
+    pub max_idle: Option<std::time::Duration>,
+    /// Evict least recently used caches until the rest fit in this many bytes.
+    pub budget_bytes: Option<u64>,
+}
+
+impl Default for Maintenance {
+    fn default() -> Self {
+        Self {
+            max_depth: crate::store::squash::DEFAULT_MAX_DEPTH,
+            gc_interval: std::time::Duration::from_secs(600),
+            max_idle: None,
+            budget_bytes: None,
+        }
+    }
+}
+
 /// Shared state of the three services.
 pub struct Driver {
     engine: Engine,
     node_id: String,
     inflight: Inflight,
     access: Access,
+    maintenance: Maintenance,
+    squashing: Arc<std::sync::Mutex<HashSet<crate::store::CacheKey>>>,
 }
 
 /// Serving errors.
@@ -85,8 +111,30 @@ pub enum ServeError {
 
 impl Driver {
     /// A driver for node `node_id`.
-    pub fn new(engine: Engine, node_id: String, access: Access) -> Self {
-        Self { engine, node_id, inflight: Inflight::default(), access }
+    pub fn new(engine: Engine, node_id: String, access: Access, maintenance: Maintenance) -> Self {
+        Self { engine, node_id, inflight: Inflight::default(), access, maintenance, squashing: Arc::default() }
+    }
+
+    /// Collects garbage and evicts now and then every `gc_interval`, until the task is dropped.
+    pub async fn run_maintenance(self: Arc<Self>) {
+        let m = self.maintenance;
+        loop {
+            let span = tracing::info_span!("gc");
+            match self.engine.collect(m.max_idle, m.budget_bytes).instrument(span.clone()).await {
+                Ok((evicted, report)) => span.in_scope(|| {
+                    tracing::info!(
+                        evicted = evicted.len(),
+                        layers_removed = report.layers_removed.len(),
+                        bytes_freed = report.bytes_freed,
+                        volumes_reclaimed = report.volumes_reclaimed.len(),
+                        deferred = ?report.deferred,
+                        "gc"
+                    )
+                }),
+                Err(e) => span.in_scope(|| tracing::warn!(error = %e, "gc failed; retrying next round")),
+            }
+            tokio::time::sleep(m.gc_interval).await;
+        }
     }
 
     /// Namespaces whose inline volumes may publish now: the flags plus the config file. A config
@@ -136,14 +184,50 @@ impl Driver {
     /// Releases (commits) a volume and logs the outcome; a missing volume is already released.
     async fn release(&self, id: &VolumeId, allow: bool) -> Result<(), CsiError> {
         let started = std::time::Instant::now();
+        let store = self.engine.store().clone();
+        let vid = id.clone();
+        let cache = self.blocking(move || Ok(store.volume(&vid)?)).await?.map(|r| r.cache);
         let released = self.engine.release(id, allow).await?;
         let ms = started.elapsed().as_millis() as u64;
-        match released {
-            None => tracing::debug!("already released"),
-            Some(r @ Released::Committed { .. }) => tracing::info!(elapsed_ms = ms, "commit: {r}"),
-            Some(r) => tracing::info!(elapsed_ms = ms, "commit: {r}"),
+        match (released, cache) {
+            (Some(r @ Released::Committed { depth, .. }), Some(cache)) => {
+                tracing::info!(elapsed_ms = ms, cache.namespace = %cache.namespace, cache.name = %cache.name, "commit: {r}");
+                if depth > self.maintenance.max_depth {
+                    self.squash_in_background(cache);
+                }
+            }
+            (Some(r), _) => tracing::info!(elapsed_ms = ms, "commit: {r}"),
+            (None, _) => tracing::debug!("already released"),
         }
         Ok(())
+    }
+
+    /// Flattens a deep cache off the hot path, one squash per cache at a time, then collects
+    /// the layers it replaced.
+    fn squash_in_background(&self, cache: crate::store::CacheKey) {
+        {
+            let mut busy = self.squashing.lock().unwrap_or_else(|p| p.into_inner());
+            if !busy.insert(cache.clone()) {
+                return;
+            }
+        }
+        let engine = self.engine.clone();
+        let squashing = self.squashing.clone();
+        let max_depth = self.maintenance.max_depth;
+        let span = tracing::info_span!("squash", cache.namespace = %cache.namespace, cache.name = %cache.name);
+        tokio::spawn(
+            async move {
+                match engine.squash(&cache, max_depth, Box::new(|_| {})).await {
+                    Ok(outcome) => tracing::info!(?outcome, "squash"),
+                    Err(e) => tracing::warn!(error = %e, "squash failed; the cache stays deep until the next one"),
+                }
+                if let Err(e) = engine.collect(None, None).await {
+                    tracing::warn!(error = %e, "gc after squash failed");
+                }
+                squashing.lock().unwrap_or_else(|p| p.into_inner()).remove(&cache);
+            }
+            .instrument(span),
+        );
     }
 
     /// Validates a staging or target path: absolute, no `..`, under the kubelet dir, never
