@@ -164,3 +164,26 @@ fn killed_during_gc_and_eviction() {
         assert!(!sb.layout().layers_dir().join("orphan01").exists(), "{step}");
     }
 }
+
+#[test]
+fn a_release_retried_after_a_crash_past_the_head_write_keeps_the_commit() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let path = sb.path("ci");
+    let p = path.to_str().unwrap();
+    assert!(sb.cli(&["mount", "--cache", "c", p]).status.success());
+    fs::write(path.join("obj"), "o").unwrap();
+    let out = sb.cli_env(&["release", p], &[("JOBCACHEFS_CRASH_AT", "commit.after-head")]);
+    assert!(killed(&out), "{}", stderr(&out));
+    assert_eq!(head_is_whole(&sb, "c"), 1, "the HEAD write landed before the crash");
+    // The volume (no owner process) is still there; releasing it again must not undo v1.
+    let out = sb.cli(&["release", p]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("published v1"), "{}", stdout(&out));
+    assert_eq!(head_is_whole(&sb, "c"), 1, "applied once, and its layer kept");
+    let read = sb.cli(&["run", "--cache", "c", "--", "sh", "-c", "cat $JOBCACHE_DIR/obj"]);
+    assert_eq!(stdout(&read), "o");
+    assert_clean(&sb);
+}

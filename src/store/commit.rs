@@ -148,6 +148,10 @@ impl Store {
         let key = &record.cache;
         let current = self.head(key)?;
         let current_version = current.as_ref().map_or(Head::NONE, |h| h.version);
+        if let Some(head) = current.as_ref().filter(|h| h.layers.contains(&promoted.layer)) {
+            // A retry after a crash that came after the HEAD write: the commit already happened.
+            return Ok(Advanced::Committed { version: head.version, depth: head.layers.len() });
+        }
         let base = record.base.version;
         let below: Vec<LayerId> = if current_version == base {
             match (&current, record.policy.fresh) {
