@@ -267,7 +267,14 @@ pub fn run(cli: Cli) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        // File work runs on blocking threads; a bounded pool keeps a burst of calls from
+        // spawning hundreds of threads (and their malloc arenas) on a 2-core node.
+        .max_blocking_threads(32)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("jobcachefs: start async runtime: {e}");

@@ -78,6 +78,9 @@ impl std::fmt::Display for Released {
                 write!(f, "not published: publishing is not allowed for this volume")
             }
             Released::NotPublished { why: NotPublished::Unchanged } => write!(f, "not published: nothing changed"),
+            Released::NotPublished { why: NotPublished::NoSpace } => {
+                write!(f, "not published: the cache's filesystem is full; the change was dropped to free it")
+            }
             Released::NotPublished { why: NotPublished::DeadlinePassed { after_secs } } => write!(
                 f,
                 "not published: skipped: the publish lock stayed busy past the {after_secs}s publish deadline"
@@ -206,7 +209,11 @@ impl Engine {
             unmount_patiently(this.mounter.as_ref(), &target)
                 .map_err(|source| OpsError::Mount { volume: id.clone(), source })?;
             if this.store.volume(&id)?.is_some_and(|v| v.mount_path.as_deref() == Some(target.as_path())) {
-                this.store.set_mount_path(&id, None)?;
+                // Only bookkeeping (a release unmounts a path that is no longer mounted as a no-op),
+                // so a full disk must not make the unstage fail.
+                if let Err(e) = this.store.set_mount_path(&id, None) {
+                    tracing::warn!(error = %e, "could not record the unstage; continuing");
+                }
             }
             Ok(())
         })

@@ -52,6 +52,9 @@ impl From<StoreError> for CsiError {
 }
 
 fn store_code(e: &StoreError) -> Code {
+    if e.is_no_space() {
+        return Code::ResourceExhausted;
+    }
     match e {
         StoreError::Name(_) => Code::InvalidArgument,
         StoreError::VolumeNotFound(_) => Code::NotFound,
@@ -154,6 +157,7 @@ mod tests {
             (StoreError::VolumeNotFound(vol()).into(), Code::NotFound),
             (StoreError::VolumeConflict { id: vol(), existing: cache() }.into(), Code::AlreadyExists),
             (StoreError::io("read", p(), io_err()).into(), Code::Internal),
+            (StoreError::io("write", p(), io::Error::from_raw_os_error(libc::ENOSPC)).into(), Code::ResourceExhausted),
             (StoreError::Corrupt { path: p(), source: corrupt }.into(), Code::Internal),
             (
                 StoreError::MissingLayer { cache: cache(), layer: LayerId::new("abc").unwrap(), path: p() }.into(),

@@ -20,10 +20,13 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError
         .tempfile_in(dir)
         .map_err(|e| StoreError::io("create temp file in", dir, e))?;
     let body = serde_json::to_vec_pretty(value).map_err(|e| StoreError::io("encode", path, e.into()))?;
-    tmp.write_all(&body)
-        .and_then(|()| tmp.write_all(b"\n"))
-        .and_then(|()| tmp.as_file().sync_all())
-        .map_err(|e| StoreError::io("write", tmp.path(), e))?;
+    // Through the plain file: tempfile's own Write adds the path to errors, which we add too.
+    let path_of_tmp = tmp.path().to_path_buf();
+    let file = tmp.as_file_mut();
+    file.write_all(&body)
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.sync_all())
+        .map_err(|e| StoreError::io("write", &path_of_tmp, e))?;
     failpoint::hit("atomic.before-rename");
     tmp.persist(path).map_err(|e| StoreError::io("rename into", path, e.error))?;
     sync_dir(dir)

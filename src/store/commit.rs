@@ -25,6 +25,8 @@ pub enum NotPublished {
     TooBig { bytes: u64, max_bytes: u64 },
     /// The publish lock stayed busy past the publish deadline; the delta was dropped.
     DeadlinePassed { after_secs: u64 },
+    /// The state dir's filesystem is full; the delta was dropped to give the space back.
+    NoSpace,
 }
 
 /// An upper directory that became a layer and waits for HEAD.
@@ -90,14 +92,35 @@ impl Store {
         sync_filesystem(&upper)?;
 
         let _pin = self.state_lock(false)?;
+        match self.promote_pinned(&mut record, &upper, stats) {
+            // A job that filled the disk must still be able to go: drop its change (a cache never
+            // fails a job), and the caller drops the volume, which gives the space back.
+            Err(e) if e.is_no_space() => {
+                if let Some(layer) = &record.pending {
+                    self.remove_layer(layer)?;
+                }
+                Ok(Prepared::Nothing(NotPublished::NoSpace))
+            }
+            other => other,
+        }
+    }
+
+    fn promote_pinned(
+        &self,
+        record: &mut VolumeRecord,
+        upper: &std::path::Path,
+        stats: TreeStats,
+    ) -> Result<Prepared, StoreError> {
+        let id = record.id.clone();
+        let upper = upper.to_path_buf();
         let layer = match &record.pending {
             Some(layer) => layer.clone(),
             None => {
                 let layer = LayerId::generate();
                 record.pending = Some(layer.clone());
                 // Pin the id before the rename so gc never sees the new layer unreferenced.
-                atomic::write_json(&self.layout.volume_record(id), &record)?;
-                self.write_pin(&record)?;
+                atomic::write_json(&self.layout.volume_record(&id), &*record)?;
+                self.write_pin(record)?;
                 layer
             }
         };
@@ -109,7 +132,7 @@ impl Store {
             std::fs::rename(&upper, &dest).map_err(|e| StoreError::io("rename upper to layer", &upper, e))?;
         }
         failpoint::hit("commit.after-rename");
-        self.record_layer(&record, layer, stats)
+        self.record_layer(record, layer, stats)
     }
 
     /// A shared store is another filesystem: copy the upper (O(delta)) under a scratch name that

@@ -58,6 +58,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the filesystem ran out of space somewhere in this error's chain.
+    pub fn is_no_space(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if e.downcast_ref::<io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC)) {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
+
     /// An I/O error with the operation and path it concerns.
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Self::Io { op, path: path.into(), source }

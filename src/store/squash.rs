@@ -71,8 +71,22 @@ impl Store {
         // Overlay hides whiteouts and opaque markers in its merged view: the copy is flat.
         let copied = tree::copy_tree(&view, &flat, CopyOptions { keep_overlay_xattrs: false }, progress);
         let unmounted = mounter.unmount(&view).map_err(mount_err);
-        let stats = copied?;
-        unmounted?;
+        let stats = match (copied, unmounted) {
+            (Ok(stats), Ok(_)) => stats,
+            (copied, unmounted) => {
+                // Give the space back now (a full disk is the usual cause), not at the next gc;
+                // with the view still mounted, leave the scratch for gc, which unmounts first.
+                let _ = tree::remove_tree(&flat);
+                if unmounted.is_ok() {
+                    let _ = tree::remove_tree(&scratch);
+                }
+                return Err(copied
+                    .err()
+                    .map(StoreError::from)
+                    .or(unmounted.err())
+                    .unwrap_or_else(|| StoreError::io("squash", &scratch, std::io::Error::other("copy failed"))));
+            }
+        };
         failpoint::hit("squash.after-copy");
         let dest = self.layout.layer_dir(&layer);
         std::fs::rename(&flat, &dest).map_err(|e| StoreError::io("rename squashed layer", &flat, e))?;
