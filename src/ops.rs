@@ -206,9 +206,13 @@ impl Engine {
         let this = self.clone();
         let (id, target) = (id.clone(), target.to_path_buf());
         blocking(move || {
-            unmount_patiently(this.mounter.as_ref(), &target)
-                .map_err(|source| OpsError::Mount { volume: id.clone(), source })?;
-            if this.store.volume(&id)?.is_some_and(|v| v.mount_path.as_deref() == Some(target.as_path())) {
+            let Some(record) = this.store.volume(&id)? else { return Ok(()) };
+            // Only this volume's own overlay comes down: an id cannot unmount another volume.
+            if this.is_mounted_at(&record, &target)? {
+                unmount_patiently(this.mounter.as_ref(), &target)
+                    .map_err(|source| OpsError::Mount { volume: id.clone(), source })?;
+            }
+            if record.mount_path.as_deref() == Some(target.as_path()) {
                 // Only bookkeeping (a release unmounts a path that is no longer mounted as a no-op),
                 // so a full disk must not make the unstage fail.
                 if let Err(e) = this.store.set_mount_path(&id, None) {

@@ -176,7 +176,8 @@ impl Driver {
     /// The record of a volume that must exist; NOT_FOUND otherwise (also for ids we never make).
     async fn existing(&self, id: &str) -> Result<VolumeRecord, CsiError> {
         let not_found = || CsiError::NotFound(format!("volume {id} not found"));
-        let Ok(vid) = VolumeId::new(id) else { return Err(not_found()) };
+        let vid =
+            VolumeId::new(id).map_err(|e| CsiError::Invalid { field: "volume_id".into(), rule: e.rule.to_string() })?;
         let store = self.engine.store().clone();
         self.blocking(move || Ok(store.volume(&vid)?)).await?.ok_or_else(not_found)
     }
@@ -253,8 +254,9 @@ impl Driver {
             }
         }
         let Some(kubelet) = &self.access.kubelet_dir else { return Ok(path) };
-        let Ok(rest) = path.strip_prefix(kubelet) else {
-            return Err(invalid(format!("must be inside the kubelet directory {}", kubelet.display())));
+        let rest = match path.strip_prefix(kubelet) {
+            Ok(rest) if rest.components().next().is_some() => rest,
+            _ => return Err(invalid(format!("must be below the kubelet directory {}", kubelet.display()))),
         };
         let mut walk = kubelet.clone();
         for part in rest.components() {
@@ -375,10 +377,12 @@ async fn handle<T>(
             Ok(v) => Ok(Response::new(v)),
             Err(e) => {
                 let status = tonic::Status::from(e);
+                // Messages quote what the caller sent; escaped, a newline cannot forge a log line.
+                let message = status.message().escape_debug();
                 if status.code() == tonic::Code::Internal {
-                    tracing::error!(code = ?status.code(), "{}", status.message());
+                    tracing::error!(code = ?status.code(), "{message}");
                 } else {
-                    tracing::warn!(code = ?status.code(), "{}", status.message());
+                    tracing::warn!(code = ?status.code(), "{message}");
                 }
                 Err(status)
             }

@@ -205,17 +205,33 @@ impl Node for NodeService {
                     let allow = driver.pod_allows_publish(&rec).await;
                     driver.release(&rec.id, allow).await?;
                 }
-                _ => {
+                // A bind of a persistent volume: take it down only if it really is this volume's,
+                // so an id naming another volume (or nothing) cannot unmount someone else's target.
+                Some(rec) => {
                     let engine = driver.engine.clone();
                     let tgt = target.clone();
-                    let vid = id.clone().unwrap_or_else(|| VolumeId::new("unknown").expect("valid"));
                     driver
                         .blocking(move || {
-                            crate::ops::unmount_patiently(engine.mounter(), &tgt)
-                                .map_err(|source| crate::ops::OpsError::Mount { volume: vid, source }.into())
+                            if engine.is_mounted_at(&rec, &tgt)? {
+                                crate::ops::unmount_patiently(engine.mounter(), &tgt)
+                                    .map_err(|source| crate::ops::OpsError::Mount { volume: rec.id.clone(), source })?;
+                            }
+                            Ok(())
                         })
                         .await?;
                 }
+                None => {}
+            }
+            // Whatever is still mounted there is not ours to remove.
+            let engine = driver.engine.clone();
+            let tgt = target.clone();
+            let still_mounted = driver
+                .blocking(move || {
+                    Ok(engine.mounter().mount_at(&tgt).map_err(|e| CsiError::NotFound(e.to_string()))?.is_some())
+                })
+                .await?;
+            if still_mounted {
+                return Ok(pb::NodeUnpublishVolumeResponse {});
             }
             remove_target(&target).await?;
             Ok(pb::NodeUnpublishVolumeResponse {})
@@ -240,7 +256,8 @@ impl Node for NodeService {
             let engine = driver.engine.clone();
             driver
                 .blocking(move || {
-                    if !engine.is_mounted_at(&record, &path)? {
+                    // A path that cannot even be resolved is certainly not where the volume is.
+                    if !engine.is_mounted_at(&record, &path).unwrap_or(false) {
                         return Err(CsiError::NotFound(format!(
                             "volume {} is not mounted at {}",
                             record.id,
