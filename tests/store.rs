@@ -595,3 +595,26 @@ fn restore_onto_a_foreign_mount_is_refused_and_leaves_nothing_pinned() {
     assert!(err.to_string().contains("already has ext4"), "{err}");
     assert!(sb.store().volume(&VolumeId::new("v").unwrap()).unwrap().is_none(), "no volume left behind");
 }
+
+#[test]
+fn past_the_publish_deadline_a_release_drops_its_change_and_succeeds() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let engine = sb.engine_with_timeout(Duration::from_millis(50)).with_publish_deadline(Duration::ZERO);
+    let rt = rt();
+    let c = key("deadline");
+    let t = sb.path("t");
+    rt.block_on(engine.restore(volume("v", &c, publishing(), &t))).unwrap();
+    fs::write(t.join("f"), "x").unwrap();
+    let held = rt.block_on(FileLock::new(sb.layout()).acquire(&c, Duration::from_secs(1))).unwrap();
+    let r = rt.block_on(engine.release(&VolumeId::new("v").unwrap(), true)).expect("a cache never fails a job");
+    let r = r.expect("volume existed");
+    assert_eq!(r, Released::NotPublished { why: NotPublished::DeadlinePassed { after_secs: 0 } });
+    assert!(r.to_string().contains("publish deadline"), "{r}");
+    assert!(sb.store().volume(&VolumeId::new("v").unwrap()).unwrap().is_none(), "volume dropped");
+    assert!(layer_dirs(&sb).is_empty(), "the promoted layer was dropped too");
+    rt.block_on(held.release()).unwrap();
+    assert!(sb.store().head(&c).unwrap().is_none());
+}
