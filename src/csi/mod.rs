@@ -290,7 +290,8 @@ impl Driver {
     /// which needs the API server to say the pod succeeded (no answer: no publish).
     async fn pod_allows_publish(&self, record: &VolumeRecord) -> bool {
         let Some(request) = &record.request else { return true };
-        if request.parameters.get("publishWhen").map(String::as_str) != Some("on-success") {
+        let when = params::PublishWhen::parse(request.parameters.get("publishWhen").map(String::as_str));
+        if !matches!(when, Ok(params::PublishWhen::OnSuccess)) {
             return true;
         }
         let (Some((ns, name)), Some(cluster)) = (&request.pod, &self.access.cluster) else {

@@ -26,6 +26,18 @@ pub enum PublishWhen {
     OnChange,
 }
 
+impl PublishWhen {
+    /// Reads the `publishWhen` parameter (absent: `always`).
+    pub fn parse(value: Option<&str>) -> Result<Self, CsiError> {
+        match value {
+            None | Some("always") => Ok(Self::Always),
+            Some("on-success") => Ok(Self::OnSuccess),
+            Some("on-change") => Ok(Self::OnChange),
+            Some(_) => Err(invalid("publishWhen", "must be \"always\", \"on-success\" or \"on-change\"")),
+        }
+    }
+}
+
 /// Where a volume comes from, which decides who owns its publish right.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -97,12 +109,7 @@ impl VolumeParams {
             Some("stack") => OnStale::Stack,
             Some(_) => return Err(invalid("onStale", "must be \"skip\" or \"stack\"")),
         };
-        let publish_when = match map.get("publishWhen").map(String::as_str) {
-            None | Some("always") => PublishWhen::Always,
-            Some("on-success") => PublishWhen::OnSuccess,
-            Some("on-change") => PublishWhen::OnChange,
-            Some(_) => return Err(invalid("publishWhen", "must be \"always\", \"on-success\" or \"on-change\"")),
-        };
+        let publish_when = PublishWhen::parse(map.get("publishWhen").map(String::as_str))?;
         let max_bytes = match map.get("maxBytes") {
             None => None,
             Some(v) => Some(
