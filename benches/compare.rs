@@ -833,6 +833,7 @@ fn new_volume(id: &str, cache: &CacheKey, target: &Path) -> NewVolume {
         mount_path: Some(target.to_path_buf()),
         owner: None,
         request: None,
+        flags: jobcachefs::mount::MountOptions::default(),
     }
 }
 

@@ -54,6 +54,7 @@ fn main() {
                 mount_path: Some(target.to_path_buf()),
                 owner: None,
                 request: None,
+                flags: jobcachefs::mount::MountOptions::default(),
             }
         };
         let publish = Policy { publish: true, ..Policy::default() };

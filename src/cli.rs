@@ -314,8 +314,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Release(_) | Command::Csi(_) | Command::Cache(CacheCommand::Ls(_) | CacheCommand::Gc(_)) => {}
     }
+    let squasher = detached_squash(&cli);
     match cli.command {
-        Command::Run(args) => run_command(&cli.state_dir, engine(&layout, cli.lock_timeout, true)?, args).await,
+        Command::Run(args) => {
+            let mut engine = engine(&layout, cli.lock_timeout, true)?;
+            if !args.no_maintenance {
+                engine = engine.with_background_squash(DEFAULT_MAX_DEPTH, squasher);
+            }
+            run_command(engine, args).await
+        }
         Command::Mount(args) => mount_command(engine(&layout, cli.lock_timeout, true)?, args).await,
         Command::Release(args) => release_command(engine(&layout, cli.lock_timeout, false)?, args).await,
         Command::Serve(args) => serve_command(engine(&layout, cli.lock_timeout, true)?, args).await,
@@ -374,6 +381,8 @@ fn policy(args: &VolumeArgs) -> Policy {
         on_stale: args.on_stale,
         max_bytes: args.max_bytes,
         read_only: false,
+        // The command line knows no pods: the job's exit status decides (--publish-on-failure).
+        publish_when: crate::store::PublishWhen::Always,
     }
 }
 
@@ -430,7 +439,18 @@ fn describe_release(r: &Released, policy: &Policy, command_failed: Option<i32>) 
     }
 }
 
-async fn run_command(state_dir: &Path, engine: Engine, args: RunArgs) -> Result<ExitCode, CliError> {
+/// A squash the job does not wait for: this binary again, on the same store and lock settings.
+fn detached_squash(cli: &Cli) -> crate::ops::Background {
+    let Ok(program) = std::env::current_exe() else { return crate::ops::Background::Off };
+    let mut args: Vec<std::ffi::OsString> = vec!["--state-dir".into(), cli.state_dir.clone().into()];
+    if let Some(shared) = &cli.shared_dir {
+        args.extend(["--shared-dir".into(), shared.clone().into()]);
+    }
+    args.extend(["--lock-timeout".into(), humantime::format_duration(cli.lock_timeout).to_string().into()]);
+    crate::ops::Background::Detached { program, args }
+}
+
+async fn run_command(engine: Engine, args: RunArgs) -> Result<ExitCode, CliError> {
     let cache = cache_key(&args.volume.namespace, &args.volume.cache)?;
     let id = new_volume_id("run");
     let target = engine.store().layout().mount_dir(&id);
@@ -448,6 +468,7 @@ async fn run_command(state_dir: &Path, engine: Engine, args: RunArgs) -> Result<
         mount_path: Some(target.clone()),
         owner: Owner::current(),
         request: None,
+        flags: crate::mount::MountOptions::default(),
     };
     let restored = match engine.restore(req).await {
         Ok(r) => r,
@@ -468,7 +489,6 @@ async fn run_command(state_dir: &Path, engine: Engine, args: RunArgs) -> Result<
     let published = match engine.release(&id, allow).await {
         Ok(Some(released)) => {
             let _ = std::fs::remove_dir(&target);
-            maybe_squash(state_dir, &cache, &released, args.no_maintenance);
             describe_release(&released, &policy, failed)
         }
         Ok(None) => "not published: the volume disappeared".to_string(),
@@ -507,26 +527,6 @@ async fn run_child(command: &[String], dir: &Path) -> Result<i32, CliError> {
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
-/// Starts a detached `cache squash` when the cache got deep, so the job does not wait for it.
-fn maybe_squash(state_dir: &Path, cache: &CacheKey, released: &Released, disabled: bool) {
-    let Released::Committed { depth, .. } = released else { return };
-    if disabled || *depth <= DEFAULT_MAX_DEPTH {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else { return };
-    let spawned = std::process::Command::new(exe)
-        .arg("--state-dir")
-        .arg(state_dir)
-        .args(["cache", "squash", "--namespace", cache.namespace.as_str(), cache.name.as_str()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn();
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "could not start background squash");
-    }
-}
-
 async fn mount_command(engine: Engine, args: MountArgs) -> Result<ExitCode, CliError> {
     let cache = cache_key(&args.volume.namespace, &args.volume.cache)?;
     std::fs::create_dir_all(&args.path).map_err(|source| CliError::Io {
@@ -555,6 +555,7 @@ async fn mount_command(engine: Engine, args: MountArgs) -> Result<ExitCode, CliE
         mount_path: Some(path.clone()),
         owner: None,
         request: None,
+        flags: crate::mount::MountOptions::default(),
     };
     let restored = engine.restore(req).await?;
     println!("jobcachefs: {} at {}", describe_restore(&restored), path.display());

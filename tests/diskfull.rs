@@ -334,7 +334,7 @@ fn enospc_at_the_head_write_leaves_head_whole_and_a_retry_publishes() {
         let t2 = sb.path("mnt-v2");
         rt.block_on(engine.restore(volume("v2", &c, publishing(), &t2))).expect("restore v2");
         fs::write(t2.join("two.txt"), "two").unwrap();
-        rt.block_on(engine.detach(&id, &t2)).expect("unmount");
+        rt.block_on(engine.unstage(&id, &t2)).expect("unmount");
         let record = engine.store().volume(&id).unwrap().expect("volume v2");
         let Prepared::Publish(promoted) = engine.store().promote(&id, true).expect("promote") else {
             panic!("{fs_kind:?}: a changed volume promotes");

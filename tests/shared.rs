@@ -16,7 +16,9 @@ use common::*;
 use csi_server::{inline_publish, inline_unpublish};
 use jobcachefs::mount::{Mounter, SysMounter};
 
-const ATTRS: &[(&str, &str)] = &[("cacheName", "npm")];
+// The pods are not scripted in the API server: with the default (on-success) nothing would
+// publish, and this test is about sharing, not about pod outcomes.
+const ATTRS: &[(&str, &str)] = &[("cacheName", "npm"), ("publishWhen", "always")];
 
 fn version(shared: &Path, local: &Path) -> u64 {
     let layout = jobcachefs::store::Layout::new(local).unwrap().with_shared(shared).unwrap();

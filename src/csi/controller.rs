@@ -68,9 +68,8 @@ impl Controller for ControllerService {
                 }
             }
             let params = VolumeParams::parse(&parameters, Kind::Persistent, &HashSet::new())?;
-            let capacity = granted(req.capacity_range.as_ref(), driver.node_bytes().await?)?;
+            let capacity = granted(req.capacity_range.as_ref(), driver.engine.capacity_bytes().await?)?;
             let id = volume_id_for(&req.name);
-            let _guard = driver.inflight.begin(id.as_str())?;
             let new = NewVolume {
                 id: id.clone(),
                 cache: params.cache.clone(),
@@ -85,16 +84,9 @@ impl Controller for ControllerService {
                     ephemeral: false,
                     pod: None,
                 }),
+                flags: crate::mount::MountOptions::default(),
             };
-            let record = driver.engine.create(new).await.map_err(|e| match e {
-                crate::ops::OpsError::Store(crate::store::StoreError::VolumeConflict { .. }) => {
-                    CsiError::AlreadyExists(format!(
-                        "volume {} already exists with another capacity or other parameters",
-                        req.name
-                    ))
-                }
-                e => e.into(),
-            })?;
+            let record = driver.engine.create(new).await?;
             tracing::info!(volume.id = %id, cache.namespace = %record.cache.namespace, cache.name = %record.cache.name,
                 head.version = record.base.version, "created");
             Ok(pb::CreateVolumeResponse {
@@ -122,8 +114,8 @@ impl Controller for ControllerService {
             }
             // An id we could never have made names nothing: deleting it is already done.
             let Ok(id) = VolumeId::new(&req.volume_id) else { return Ok(pb::DeleteVolumeResponse {}) };
-            let _guard = driver.inflight.begin(id.as_str())?;
-            driver.release(&id, true).await?;
+            let started = std::time::Instant::now();
+            Driver::log_release(driver.engine.delete(&id).await?, started);
             Ok(pb::DeleteVolumeResponse {})
         })
         .await
@@ -142,7 +134,7 @@ impl Controller for ControllerService {
             if req.volume_capabilities.is_empty() {
                 return Err(CsiError::Missing("volume_capabilities"));
             }
-            driver.existing(&req.volume_id).await?;
+            driver.engine.volume(&super::known_id(&req.volume_id)?).await?;
             Ok(match check_capabilities(&req.volume_capabilities, "volume_capabilities") {
                 Ok(()) => pb::ValidateVolumeCapabilitiesResponse {
                     confirmed: Some(pb::validate_volume_capabilities_response::Confirmed {

@@ -36,7 +36,7 @@ impl Identity for IdentityService {
     }
 
     async fn probe(&self, _request: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeResponse>, Status> {
-        let ready = self.0.state_dir_usable().await;
+        let ready = self.0.engine.check_state_dir().await;
         if let Err(e) = &ready {
             tracing::warn!(error = %e, "probe: state dir not usable");
         }

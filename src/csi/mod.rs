@@ -4,7 +4,6 @@
 pub mod client;
 mod controller;
 mod identity;
-mod inflight;
 mod node;
 pub mod params;
 pub mod status;
@@ -18,12 +17,11 @@ use tonic::Response;
 use tracing::Instrument;
 
 pub use controller::volume_id_for;
-use inflight::Inflight;
 use status::CsiError;
 
 use crate::cluster::Cluster;
-use crate::ops::{Engine, OpsError, Released};
-use crate::store::{VolumeId, VolumeRecord};
+use crate::ops::Engine;
+use crate::store::VolumeId;
 
 /// The generated CSI v1 messages, servers and clients.
 #[allow(clippy::all, missing_docs)]
@@ -86,10 +84,8 @@ impl Default for Maintenance {
 pub struct Driver {
     engine: Engine,
     node_id: String,
-    inflight: Inflight,
     access: Access,
     maintenance: Maintenance,
-    squashing: Arc<std::sync::Mutex<HashSet<crate::store::CacheKey>>>,
 }
 
 /// Serving errors.
@@ -110,9 +106,14 @@ pub enum ServeError {
 }
 
 impl Driver {
-    /// A driver for node `node_id`.
+    /// A driver for node `node_id`; commits that leave a cache deeper than the maintenance's
+    /// `max_depth` are squashed by a task of this process, and pod outcomes come from the cluster.
     pub fn new(engine: Engine, node_id: String, access: Access, maintenance: Maintenance) -> Self {
-        Self { engine, node_id, inflight: Inflight::default(), access, maintenance, squashing: Arc::default() }
+        let mut engine = engine.with_background_squash(maintenance.max_depth, crate::ops::Background::InProcess);
+        if let Some(cluster) = &access.cluster {
+            engine = engine.with_pods(cluster.clone());
+        }
+        Self { engine, node_id, access, maintenance }
     }
 
     /// Collects garbage and evicts now and then every `gc_interval`, until the task is dropped.
@@ -170,65 +171,16 @@ impl Driver {
         let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || span.in_scope(f))
             .await
-            .map_err(|e| CsiError::Ops(OpsError::Join(e.to_string())))?
+            .map_err(|e| CsiError::Ops(crate::ops::OpsError::Join(e.to_string())))?
     }
 
-    /// The record of a volume that must exist; NOT_FOUND otherwise (also for ids we never make).
-    async fn existing(&self, id: &str) -> Result<VolumeRecord, CsiError> {
-        let not_found = || CsiError::NotFound(format!("volume {id} not found"));
-        let vid =
-            VolumeId::new(id).map_err(|e| CsiError::Invalid { field: "volume_id".into(), rule: e.rule.to_string() })?;
-        let store = self.engine.store().clone();
-        self.blocking(move || Ok(store.volume(&vid)?)).await?.ok_or_else(not_found)
-    }
-
-    /// Releases (commits) a volume and logs the outcome; a missing volume is already released.
-    async fn release(&self, id: &VolumeId, allow: bool) -> Result<(), CsiError> {
-        let started = std::time::Instant::now();
-        let store = self.engine.store().clone();
-        let vid = id.clone();
-        let cache = self.blocking(move || Ok(store.volume(&vid)?)).await?.map(|r| r.cache);
-        let released = self.engine.release(id, allow).await?;
+    /// Logs how a release ended.
+    fn log_release(released: Option<crate::ops::Released>, started: std::time::Instant) {
         let ms = started.elapsed().as_millis() as u64;
-        match (released, cache) {
-            (Some(r @ Released::Committed { depth, .. }), Some(cache)) => {
-                tracing::info!(elapsed_ms = ms, cache.namespace = %cache.namespace, cache.name = %cache.name, "commit: {r}");
-                if depth > self.maintenance.max_depth {
-                    self.squash_in_background(cache);
-                }
-            }
-            (Some(r), _) => tracing::info!(elapsed_ms = ms, "commit: {r}"),
-            (None, _) => tracing::debug!("already released"),
+        match released {
+            Some(r) => tracing::info!(elapsed_ms = ms, "commit: {r}"),
+            None => tracing::debug!("already released"),
         }
-        Ok(())
-    }
-
-    /// Flattens a deep cache off the hot path, one squash per cache at a time, then collects
-    /// the layers it replaced.
-    fn squash_in_background(&self, cache: crate::store::CacheKey) {
-        {
-            let mut busy = self.squashing.lock().unwrap_or_else(|p| p.into_inner());
-            if !busy.insert(cache.clone()) {
-                return;
-            }
-        }
-        let engine = self.engine.clone();
-        let squashing = self.squashing.clone();
-        let max_depth = self.maintenance.max_depth;
-        let span = tracing::info_span!("squash", cache.namespace = %cache.namespace, cache.name = %cache.name);
-        tokio::spawn(
-            async move {
-                match engine.squash(&cache, max_depth, Box::new(|_| {})).await {
-                    Ok(outcome) => tracing::info!(?outcome, "squash"),
-                    Err(e) => tracing::warn!(error = %e, "squash failed; the cache stays deep until the next one"),
-                }
-                if let Err(e) = engine.collect(None, None).await {
-                    tracing::warn!(error = %e, "gc after squash failed");
-                }
-                squashing.lock().unwrap_or_else(|p| p.into_inner()).remove(&cache);
-            }
-            .instrument(span),
-        );
     }
 
     /// Validates a staging or target path: absolute, no `..`, under the kubelet dir, never
@@ -285,53 +237,15 @@ impl Driver {
             .await
             .map_err(|e| CsiError::Unavailable(e.to_string()))
     }
+}
 
-    /// Whether an inline volume's pod lets it publish: always, unless `publishWhen=on-success`,
-    /// which needs the API server to say the pod succeeded (no answer: no publish).
-    async fn pod_allows_publish(&self, record: &VolumeRecord) -> bool {
-        let Some(request) = &record.request else { return true };
-        let when = params::PublishWhen::parse(request.parameters.get("publishWhen").map(String::as_str));
-        if !matches!(when, Ok(params::PublishWhen::OnSuccess)) {
-            return true;
-        }
-        let (Some((ns, name)), Some(cluster)) = (&request.pod, &self.access.cluster) else {
-            tracing::info!("publishWhen=on-success without pod info or cluster access: not publishing");
-            return false;
-        };
-        match cluster.pod_outcome(ns, name).await {
-            Ok(outcome) => {
-                tracing::info!(?outcome, pod = %format!("{ns}/{name}"), "pod outcome");
-                outcome == crate::cluster::PodOutcome::Succeeded
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot tell whether the pod succeeded: not publishing");
-                false
-            }
-        }
+/// A volume id of a volume that must exist: missing or breaking the id rule is INVALID_ARGUMENT
+/// naming the field.
+fn known_id(value: &str) -> Result<VolumeId, CsiError> {
+    if value.is_empty() {
+        return Err(CsiError::Missing("volume_id"));
     }
-
-    /// Bytes the state dir's filesystem holds: the most a volume could ever grow to.
-    async fn node_bytes(&self) -> Result<u64, CsiError> {
-        let root = self.engine.store().layout().root().to_path_buf();
-        self.blocking(move || {
-            let fs = nix::sys::statvfs::statvfs(&root).map_err(|e| CsiError::Io {
-                op: "statvfs",
-                path: root.clone(),
-                source: e.into(),
-            })?;
-            Ok(fs.blocks() as u64 * fs.fragment_size() as u64)
-        })
-        .await
-    }
-
-    /// Whether the state dir can be written (Probe).
-    async fn state_dir_usable(&self) -> Result<(), CsiError> {
-        let tmp = self.engine.store().layout().tmp_dir();
-        self.blocking(move || {
-            tempfile::tempfile_in(&tmp).map(drop).map_err(|source| CsiError::Io { op: "write in", path: tmp, source })
-        })
-        .await
-    }
+    VolumeId::new(value).map_err(|e| CsiError::Invalid { field: "volume_id".into(), rule: e.rule.to_string() })
 }
 
 /// Checks capabilities: mount access only, single-node access modes only.

@@ -1,14 +1,15 @@
 //! CSI Node: stage mounts the overlay, publish binds it (or, for inline volumes, mounts and
-//! later commits it), unpublish and unstage take them down again.
-
-use std::path::{Path, PathBuf};
+//! later commits it), unpublish and unstage take them down again. Each handler checks and
+//! translates its request, then calls one operation of `ops`.
 
 use tonic::{Request, Response, Status};
 
 use super::params::{Kind, VolumeParams, EPHEMERAL_KEY};
 use super::pb::{self, node_server::Node, node_service_capability};
 use super::status::CsiError;
-use super::{check_capabilities, handle, Driver};
+use super::{check_capabilities, handle, known_id, Driver};
+use crate::mount::MountOptions;
+use crate::ops::Unpublished;
 use crate::store::{NewVolume, VolumeId, VolumeRequest};
 
 /// Node service.
@@ -21,7 +22,7 @@ fn required_id(value: &str) -> Result<&str, CsiError> {
     Ok(value)
 }
 
-/// The pod kubelet names in an inline volume's context (podInfoOnMount).
+/// The pod kubelet names in a volume's context (podInfoOnMount).
 fn pod_of(context: &std::collections::HashMap<String, String>) -> Option<(String, String)> {
     let ns = context.get("csi.storage.k8s.io/pod.namespace")?;
     let name = context.get("csi.storage.k8s.io/pod.name")?;
@@ -33,26 +34,19 @@ fn read_only_mode(cap: &pb::VolumeCapability) -> bool {
     cap.access_mode.as_ref().is_some_and(|m| m.mode == Mode::SingleNodeReaderOnly as i32)
 }
 
-async fn create_dir(path: &Path) -> Result<(), CsiError> {
-    let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || std::fs::create_dir_all(&p).map_err(|e| (p, e)))
-        .await
-        .map_err(|e| CsiError::Ops(crate::ops::OpsError::Join(e.to_string())))?
-        .map_err(|(path, source)| CsiError::Io { op: "create directory", path, source })
-}
-
-/// Removes an unmounted target directory; never recursively, so a mount that did not come off
-/// cannot lose its data.
-async fn remove_target(path: &Path) -> Result<(), CsiError> {
-    let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || match std::fs::remove_dir(&p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err((p, e)),
+/// The overlay's flags: nosuid,nodev unless the StorageClass's `mountOptions` opt out.
+fn mount_flags(cap: &pb::VolumeCapability, field: &str) -> Result<MountOptions, CsiError> {
+    let flags = match &cap.access_type {
+        Some(pb::volume_capability::AccessType::Mount(m)) => m.mount_flags.as_slice(),
+        _ => &[],
+    };
+    MountOptions::parse(flags).map_err(|flag| CsiError::Invalid {
+        field: format!("{field}.mount.mount_flags"),
+        rule: format!(
+            "{flag:?} is not an allowed mount flag (allowed: {})",
+            crate::mount::ALLOWED_MOUNT_FLAGS.join(", ")
+        ),
     })
-    .await
-    .map_err(|e| CsiError::Ops(crate::ops::OpsError::Join(e.to_string())))?
-    .map_err(|(path, source)| CsiError::Io { op: "remove target directory", path, source })
 }
 
 #[tonic::async_trait]
@@ -64,14 +58,13 @@ impl Node for NodeService {
         let req = request.into_inner();
         let driver = self.0.clone();
         handle("NodeStageVolume", &req.volume_id.clone(), async move {
-            let id = required_id(&req.volume_id)?;
+            required_id(&req.volume_id)?;
             let staging = driver.check_path(&req.staging_target_path, "staging_target_path")?;
             let cap = req.volume_capability.ok_or(CsiError::Missing("volume_capability"))?;
             check_capabilities(std::slice::from_ref(&cap), "volume_capability")?;
-            let record = driver.existing(id).await?;
-            let _guard = driver.inflight.begin(id)?;
-            create_dir(&staging).await?;
-            driver.engine.attach(&record.id, &staging).await?;
+            let flags = mount_flags(&cap, "volume_capability")?;
+            let id = known_id(&req.volume_id)?;
+            driver.engine.stage(&id, &staging, flags).await?;
             Ok(pb::NodeStageVolumeResponse {})
         })
         .await
@@ -87,9 +80,8 @@ impl Node for NodeService {
             let id = required_id(&req.volume_id)?;
             let staging = driver.check_path(&req.staging_target_path, "staging_target_path")?;
             let Ok(id) = VolumeId::new(id) else { return Ok(pb::NodeUnstageVolumeResponse {}) };
-            let _guard = driver.inflight.begin(id.as_str())?;
             // The upper stays: DeleteVolume publishes it.
-            driver.engine.detach(&id, &staging).await?;
+            driver.engine.unstage(&id, &staging).await?;
             Ok(pb::NodeUnstageVolumeResponse {})
         })
         .await
@@ -106,14 +98,14 @@ impl Node for NodeService {
             let target = driver.check_path(&req.target_path, "target_path")?;
             let cap = req.volume_capability.ok_or(CsiError::Missing("volume_capability"))?;
             check_capabilities(std::slice::from_ref(&cap), "volume_capability")?;
+            let flags = mount_flags(&cap, "volume_capability")?;
             let readonly = req.readonly || read_only_mode(&cap);
+            let pod = pod_of(&req.volume_context);
             if req.volume_context.get(EPHEMERAL_KEY).is_some_and(|v| v == "true") {
                 let id = VolumeId::new(id)
                     .map_err(|e| CsiError::Invalid { field: "volume_id".into(), rule: e.to_string() })?;
                 let allowed = driver.inline_publish().await;
                 let params = VolumeParams::parse(&req.volume_context, Kind::Ephemeral, &allowed)?;
-                let _guard = driver.inflight.begin(id.as_str())?;
-                create_dir(&target).await?;
                 let mut policy = params.policy.clone();
                 // A read-only volume is mounted read-only and can therefore never publish.
                 if readonly {
@@ -132,47 +124,16 @@ impl Node for NodeService {
                         capacity_bytes: 0,
                         parameters: params.given.clone(),
                         ephemeral: true,
-                        pod: pod_of(&req.volume_context),
+                        pod: pod.clone(),
                     }),
+                    flags,
                 };
-                driver.engine.restore(new).await?;
+                driver.engine.publish_inline(new, pod).await?;
                 return Ok(pb::NodePublishVolumeResponse {});
             }
             let staging = driver.check_path(&req.staging_target_path, "staging_target_path")?;
-            let record = driver.existing(id).await?;
-            let _guard = driver.inflight.begin(id)?;
-            let engine = driver.engine.clone();
-            let (rec, staging2) = (record.clone(), staging.clone());
-            if !driver.blocking(move || Ok(engine.is_mounted_at(&rec, &staging2)?)).await? {
-                return Err(CsiError::FailedPrecondition(format!(
-                    "volume {id} is not staged at {}: call NodeStageVolume first",
-                    staging.display()
-                )));
-            }
-            create_dir(&target).await?;
-            let engine = driver.engine.clone();
-            let (rec, tgt) = (record.clone(), target.clone());
-            driver
-                .blocking(move || {
-                    let found = engine
-                        .mounter()
-                        .mount_at(&tgt)
-                        .map_err(|source| crate::ops::OpsError::Mount { volume: rec.id.clone(), source })?;
-                    match found {
-                        Some(m) if engine.is_mounted_at(&rec, &tgt)? && m.is_readonly() == readonly => Ok(()),
-                        Some(m) => Err(CsiError::AlreadyExists(format!(
-                            "{} already has {} mounted ({}); unpublish it first",
-                            tgt.display(),
-                            m.source,
-                            if m.is_readonly() { "read-only" } else { "read-write" }
-                        ))),
-                        None => engine
-                            .mounter()
-                            .bind(&staging, &tgt, readonly)
-                            .map_err(|source| crate::ops::OpsError::Mount { volume: rec.id.clone(), source }.into()),
-                    }
-                })
-                .await?;
+            let id = known_id(id)?;
+            driver.engine.publish(&id, &staging, &target, readonly, pod).await?;
             Ok(pb::NodePublishVolumeResponse {})
         })
         .await
@@ -188,52 +149,10 @@ impl Node for NodeService {
             let id = required_id(&req.volume_id)?;
             let target = driver.check_path(&req.target_path, "target_path")?;
             let id = VolumeId::new(id).ok();
-            let _guard = match &id {
-                Some(id) => Some(driver.inflight.begin(id.as_str())?),
-                None => None,
-            };
-            let record = match &id {
-                Some(id) => driver.engine.store().volume(id)?,
-                None => None,
-            };
-            match record {
-                // An inline volume's unpublish is its release: unmount, commit, drop.
-                Some(rec)
-                    if rec.request.as_ref().is_some_and(|r| r.ephemeral)
-                        && rec.mount_path.as_deref() == Some(target.as_path()) =>
-                {
-                    let allow = driver.pod_allows_publish(&rec).await;
-                    driver.release(&rec.id, allow).await?;
-                }
-                // A bind of a persistent volume: take it down only if it really is this volume's,
-                // so an id naming another volume (or nothing) cannot unmount someone else's target.
-                Some(rec) => {
-                    let engine = driver.engine.clone();
-                    let tgt = target.clone();
-                    driver
-                        .blocking(move || {
-                            if engine.is_mounted_at(&rec, &tgt)? {
-                                crate::ops::unmount_patiently(engine.mounter(), &tgt)
-                                    .map_err(|source| crate::ops::OpsError::Mount { volume: rec.id.clone(), source })?;
-                            }
-                            Ok(())
-                        })
-                        .await?;
-                }
-                None => {}
+            let started = std::time::Instant::now();
+            if let Unpublished::Released(released) = driver.engine.unpublish(id.as_ref(), &target).await? {
+                Driver::log_release(released, started);
             }
-            // Whatever is still mounted there is not ours to remove.
-            let engine = driver.engine.clone();
-            let tgt = target.clone();
-            let still_mounted = driver
-                .blocking(move || {
-                    Ok(engine.mounter().mount_at(&tgt).map_err(|e| CsiError::NotFound(e.to_string()))?.is_some())
-                })
-                .await?;
-            if still_mounted {
-                return Ok(pb::NodeUnpublishVolumeResponse {});
-            }
-            remove_target(&target).await?;
             Ok(pb::NodeUnpublishVolumeResponse {})
         })
         .await
@@ -246,52 +165,31 @@ impl Node for NodeService {
         let req = request.into_inner();
         let driver = self.0.clone();
         handle("NodeGetVolumeStats", &req.volume_id.clone(), async move {
-            let id = required_id(&req.volume_id)?;
+            required_id(&req.volume_id)?;
             if req.volume_path.is_empty() {
                 return Err(CsiError::Missing("volume_path"));
             }
-            let record = driver.existing(id).await?;
+            let id = known_id(&req.volume_id)?;
             // Any path the volume is not mounted at, relative ones included, is simply not found.
-            let path = PathBuf::from(&req.volume_path);
-            let engine = driver.engine.clone();
-            driver
-                .blocking(move || {
-                    // A path that cannot even be resolved is certainly not where the volume is.
-                    if !engine.is_mounted_at(&record, &path).unwrap_or(false) {
-                        return Err(CsiError::NotFound(format!(
-                            "volume {} is not mounted at {}",
-                            record.id,
-                            path.display()
-                        )));
-                    }
-                    let fs = nix::sys::statvfs::statvfs(&path).map_err(|e| CsiError::Io {
-                        op: "statvfs",
-                        path: path.clone(),
-                        source: e.into(),
-                    })?;
-                    let upper = engine.store().layout().upper_dir(&record.id);
-                    let used = crate::store::tree::measure(&upper).map_err(crate::store::StoreError::from)?;
-                    let frsize = fs.fragment_size() as i64;
-                    use pb::volume_usage::Unit;
-                    Ok(pb::NodeGetVolumeStatsResponse {
-                        usage: vec![
-                            pb::VolumeUsage {
-                                available: fs.blocks_available() as i64 * frsize,
-                                total: fs.blocks() as i64 * frsize,
-                                used: used.bytes as i64,
-                                unit: Unit::Bytes as i32,
-                            },
-                            pb::VolumeUsage {
-                                available: fs.files_available() as i64,
-                                total: fs.files() as i64,
-                                used: used.files as i64,
-                                unit: Unit::Inodes as i32,
-                            },
-                        ],
-                        volume_condition: None,
-                    })
-                })
-                .await
+            let stats = driver.engine.stats(&id, std::path::Path::new(&req.volume_path)).await?;
+            use pb::volume_usage::Unit;
+            Ok(pb::NodeGetVolumeStatsResponse {
+                usage: vec![
+                    pb::VolumeUsage {
+                        available: stats.available_bytes as i64,
+                        total: stats.total_bytes as i64,
+                        used: stats.used_bytes as i64,
+                        unit: Unit::Bytes as i32,
+                    },
+                    pb::VolumeUsage {
+                        available: stats.available_inodes as i64,
+                        total: stats.total_inodes as i64,
+                        used: stats.used_files as i64,
+                        unit: Unit::Inodes as i32,
+                    },
+                ],
+                volume_condition: None,
+            })
         })
         .await
     }

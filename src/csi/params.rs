@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::store::{CacheKey, Name, OnStale, Policy};
+use crate::store::{CacheKey, Name, OnStale, Policy, PublishWhen};
 
 use super::status::CsiError;
 
@@ -14,29 +14,6 @@ const PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
 const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
 const KEYS: &[&str] =
     &["cacheName", "publish", "publishWhen", "ignoreCache", "onStale", "fallbackCaches", "maxBytes", "namespace"];
-
-/// When a volume that may publish does publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PublishWhen {
-    /// Whenever it changed something.
-    Always,
-    /// Only if its pod succeeded (inline volumes with pod info).
-    OnSuccess,
-    /// Only if it changed something (what `Always` does too: an unchanged volume never publishes).
-    OnChange,
-}
-
-impl PublishWhen {
-    /// Reads the `publishWhen` parameter (absent: `always`).
-    pub fn parse(value: Option<&str>) -> Result<Self, CsiError> {
-        match value {
-            None | Some("always") => Ok(Self::Always),
-            Some("on-success") => Ok(Self::OnSuccess),
-            Some("on-change") => Ok(Self::OnChange),
-            Some(_) => Err(invalid("publishWhen", "must be \"always\", \"on-success\" or \"on-change\"")),
-        }
-    }
-}
 
 /// Where a volume comes from, which decides who owns its publish right.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +86,8 @@ impl VolumeParams {
             Some("stack") => OnStale::Stack,
             Some(_) => return Err(invalid("onStale", "must be \"skip\" or \"stack\"")),
         };
-        let publish_when = PublishWhen::parse(map.get("publishWhen").map(String::as_str))?;
+        let publish_when = PublishWhen::parse(map.get("publishWhen").map(String::as_str))
+            .map_err(|rule| invalid("publishWhen", rule))?;
         let max_bytes = match map.get("maxBytes") {
             None => None,
             Some(v) => Some(
@@ -142,7 +120,7 @@ impl VolumeParams {
         }
         let given =
             map.iter().filter(|(k, _)| !k.starts_with(METADATA_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
-        let policy = Policy { publish, fresh, on_stale, max_bytes, read_only: false };
+        let policy = Policy { publish, fresh, on_stale, max_bytes, read_only: false, publish_when };
         Ok(Self { cache, policy, fallbacks, publish_when, given })
     }
 

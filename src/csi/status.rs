@@ -22,12 +22,6 @@ pub enum CsiError {
     /// The volume (or what was asked of it) does not exist.
     #[error("{0}")]
     NotFound(String),
-    /// Incompatible with what exists.
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// The call came in the wrong order (publish before stage).
-    #[error("{0}")]
-    FailedPrecondition(String),
     /// Another operation on the volume is in flight.
     #[error("{0}")]
     Aborted(String),
@@ -63,8 +57,7 @@ fn store_code(e: &StoreError) -> Code {
         | StoreError::Io { .. }
         | StoreError::Corrupt { .. }
         | StoreError::MissingLayer { .. }
-        | StoreError::Tree(_)
-        | StoreError::SquashMount { .. } => Code::Internal,
+        | StoreError::Tree(_) => Code::Internal,
     }
 }
 
@@ -95,9 +88,16 @@ fn ops_code(e: &OpsError) -> Code {
         OpsError::Store(e) => store_code(e),
         OpsError::Mount { source, .. } => mount_code(source),
         OpsError::Lock { source, .. } | OpsError::CacheLock { source, .. } => lock_code(source),
-        OpsError::ForeignMount { .. } => Code::AlreadyExists,
+        OpsError::ForeignMount { .. }
+        | OpsError::StagedElsewhere { .. }
+        | OpsError::MountedOtherwise { .. }
+        | OpsError::FlagsDiffer { .. } => Code::AlreadyExists,
         OpsError::NoMountPath(_) => Code::InvalidArgument,
-        OpsError::Join(_) => Code::Internal,
+        OpsError::InFlight { .. } => Code::Aborted,
+        // The caller must first take down what it left mounted (or stage before publishing).
+        OpsError::StillMounted { .. } | OpsError::NotStaged { .. } => Code::FailedPrecondition,
+        OpsError::NotMountedAt { .. } => Code::NotFound,
+        OpsError::Io { .. } | OpsError::SquashMount { .. } | OpsError::Join(_) => Code::Internal,
     }
 }
 
@@ -107,8 +107,6 @@ impl CsiError {
         match self {
             CsiError::Missing(_) | CsiError::Invalid { .. } => Code::InvalidArgument,
             CsiError::NotFound(_) => Code::NotFound,
-            CsiError::AlreadyExists(_) => Code::AlreadyExists,
-            CsiError::FailedPrecondition(_) => Code::FailedPrecondition,
             CsiError::Aborted(_) => Code::Aborted,
             CsiError::OutOfRange(_) => Code::OutOfRange,
             CsiError::Unavailable(_) => Code::Unavailable,
@@ -147,8 +145,6 @@ mod tests {
             (CsiError::Missing("volume_id"), Code::InvalidArgument),
             (CsiError::Invalid { field: "f".into(), rule: "r".into() }, Code::InvalidArgument),
             (CsiError::NotFound("x".into()), Code::NotFound),
-            (CsiError::AlreadyExists("x".into()), Code::AlreadyExists),
-            (CsiError::FailedPrecondition("x".into()), Code::FailedPrecondition),
             (CsiError::Aborted("x".into()), Code::Aborted),
             (CsiError::OutOfRange("x".into()), Code::OutOfRange),
             (CsiError::Unavailable("x".into()), Code::Unavailable),
@@ -195,6 +191,18 @@ mod tests {
             ),
             (OpsError::ForeignMount { volume: vol(), target: p(), found: "ext4".into() }.into(), Code::AlreadyExists),
             (OpsError::NoMountPath(vol()).into(), Code::InvalidArgument),
+            (OpsError::InFlight { volume: "v".into(), running: "delete" }.into(), Code::Aborted),
+            (OpsError::StagedElsewhere { volume: vol(), at: p() }.into(), Code::AlreadyExists),
+            (OpsError::MountedOtherwise { volume: vol(), target: p(), mode: "read-only" }.into(), Code::AlreadyExists),
+            (
+                OpsError::FlagsDiffer { volume: vol(), mounted: "rw".into(), asked: "nosuid".into() }.into(),
+                Code::AlreadyExists,
+            ),
+            (OpsError::StillMounted { volume: vol(), at: p() }.into(), Code::FailedPrecondition),
+            (OpsError::NotStaged { volume: vol(), staging: p() }.into(), Code::FailedPrecondition),
+            (OpsError::NotMountedAt { volume: vol(), path: p() }.into(), Code::NotFound),
+            (OpsError::Io { volume: vol(), op: "mkdir", path: p(), source: io_err() }.into(), Code::Internal),
+            (OpsError::SquashMount { cache: cache(), source: MountError::Busy { target: p() } }.into(), Code::Internal),
             (OpsError::Join("panic".into()).into(), Code::Internal),
         ];
         for (err, code) in cases {

@@ -25,6 +25,65 @@ pub struct OverlaySpec {
     /// Mount read-only even with an upper (MS_RDONLY): the mount still names its upper, so
     /// it can be recognised, but nothing can be written through it.
     pub readonly: bool,
+    /// Per-mount flags (nosuid, nodev, ...); binds of the mount inherit them.
+    pub flags: MountOptions,
+}
+
+/// The per-mount flags a volume's overlay gets. A cache is written by one job and executed by
+/// the next, so set-uid binaries and device nodes in it are refused unless a class opts out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct MountOptions {
+    /// MS_NOSUID.
+    pub nosuid: bool,
+    /// MS_NODEV.
+    pub nodev: bool,
+    /// MS_NOEXEC.
+    pub noexec: bool,
+    /// MS_NOATIME.
+    pub noatime: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self { nosuid: true, nodev: true, noexec: false, noatime: false }
+    }
+}
+
+/// The mount flags a volume may ask for (StorageClass `mountOptions`).
+pub const ALLOWED_MOUNT_FLAGS: &[&str] = &["suid", "nosuid", "dev", "nodev", "exec", "noexec", "atime", "noatime"];
+
+impl MountOptions {
+    /// None of the flags: what squash's private read-only view and the probes use.
+    pub const NONE: Self = Self { nosuid: false, nodev: false, noexec: false, noatime: false };
+
+    /// The defaults changed by `flags`, in order; the first flag not in
+    /// [`ALLOWED_MOUNT_FLAGS`] is returned as the error.
+    pub fn parse<S: AsRef<str>>(flags: &[S]) -> Result<Self, String> {
+        let mut out = Self::default();
+        for flag in flags {
+            match flag.as_ref() {
+                "suid" => out.nosuid = false,
+                "nosuid" => out.nosuid = true,
+                "dev" => out.nodev = false,
+                "nodev" => out.nodev = true,
+                "exec" => out.noexec = false,
+                "noexec" => out.noexec = true,
+                "atime" => out.noatime = false,
+                "noatime" => out.noatime = true,
+                other => return Err(other.to_string()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The flags as mountinfo's per-mount options name them, in its order.
+    pub fn names(&self) -> Vec<&'static str> {
+        [(self.nosuid, "nosuid"), (self.nodev, "nodev"), (self.noexec, "noexec"), (self.noatime, "noatime")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect()
+    }
 }
 
 /// The writable half of an overlay mount.
@@ -85,4 +144,29 @@ pub trait Mounter: Send + Sync {
     fn unmount(&self, target: &Path) -> Result<Unmounted, MountError>;
     /// The mount whose mount point is exactly `path` (the topmost one), if any.
     fn mount_at(&self, path: &Path) -> Result<Option<MountEntry>, MountError>;
+    /// Every mount point whose overlay writes to `upper` (the volume's mount and its binds).
+    fn mounts_of_upper(&self, upper: &Path) -> Result<Vec<PathBuf>, MountError>;
+}
+
+/// Whether a mount is an overlay writing to `upper`.
+pub fn writes_to(entry: &MountEntry, upper: &Path) -> bool {
+    let ours = format!("upperdir={}", upper.display());
+    entry.fstype == "overlay" && entry.super_options.split(',').any(|o| o == ours)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_flags_parse_against_the_allow_list() {
+        assert_eq!(MountOptions::parse::<&str>(&[]).unwrap().names(), ["nosuid", "nodev"]);
+        assert_eq!(MountOptions::parse(&["suid"]).unwrap().names(), ["nodev"]);
+        assert_eq!(MountOptions::parse(&["dev", "suid", "noatime"]).unwrap().names(), ["noatime"]);
+        assert_eq!(MountOptions::parse(&["noexec"]).unwrap().names(), ["nosuid", "nodev", "noexec"]);
+        assert_eq!(MountOptions::parse(&["suid", "nosuid"]).unwrap().names(), ["nosuid", "nodev"], "last wins");
+        for bad in ["loop", "uid=0", "", "rw,suid", "NOSUID"] {
+            assert_eq!(MountOptions::parse(&["noatime", bad]).unwrap_err(), bad);
+        }
+    }
 }

@@ -147,6 +147,7 @@ fn exercise(
         readonly: false,
         lower: vec![dirs.lower.clone()],
         upper: Some(UpperDirs { upper: dirs.upper.clone(), work: dirs.work.clone() }),
+        flags: crate::mount::MountOptions::NONE,
     };
     if let Err(err) = mounter.overlay(&spec, &dirs.merged) {
         return Err(mount_error(err, scratch, fs_type));
@@ -372,6 +373,7 @@ mod tests {
             readonly: false,
             lower: vec![root.join("lower")],
             upper: Some(UpperDirs { upper: root.join("upper"), work: root.join("work") }),
+            flags: crate::mount::MountOptions::NONE,
         };
         SysMounter.overlay(&spec, &merged).expect("mount the outer overlay");
         let _guard = UnmountGuard::new(&merged);

@@ -50,6 +50,7 @@ struct Fake {
     source: String,
     super_options: String,
     readonly: bool,
+    flags: Vec<&'static str>,
 }
 
 #[derive(Debug, Default)]
@@ -147,6 +148,7 @@ impl Mounter for RecordingMounter {
             source: "overlay".to_owned(),
             super_options: format!("{},{opts}", if readonly { "ro" } else { "rw" }),
             readonly,
+            flags: spec.flags.names(),
         };
         state.push(target, fake);
         Ok(())
@@ -178,6 +180,7 @@ impl Mounter for RecordingMounter {
                 source: HOST_SOURCE.to_owned(),
                 super_options: "rw".to_owned(),
                 readonly,
+                flags: Vec::new(),
             },
         };
         state.push(target, fake);
@@ -230,11 +233,34 @@ impl Mounter for RecordingMounter {
             major_minor: fake.major_minor.clone(),
             root: fake.root.clone(),
             mount_point: path.to_path_buf(),
-            mount_options: format!("{access},relatime"),
+            mount_options: [access]
+                .into_iter()
+                .chain(fake.flags.iter().copied())
+                .chain(["relatime"])
+                .collect::<Vec<_>>()
+                .join(","),
             fstype: fake.fstype.clone(),
             source: fake.source.clone(),
             super_options: fake.super_options.clone(),
         }))
+    }
+
+    fn mounts_of_upper(&self, upper: &Path) -> Result<Vec<PathBuf>, MountError> {
+        let mut state = self.state();
+        if let Some(source) = state.take_failure(CallKind::MountAt) {
+            return Err(MountError::MountInfo { path: PathBuf::from(super::info::MOUNTINFO_PATH), source });
+        }
+        let ours = format!("upperdir={}", upper.display());
+        let mut out: Vec<PathBuf> = state
+            .mounted
+            .iter()
+            .filter(|(_, stack)| {
+                stack.iter().any(|f| f.fstype == "overlay" && f.super_options.split(',').any(|o| o == ours))
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        out.sort();
+        Ok(out)
     }
 }
 
@@ -248,6 +274,7 @@ mod tests {
             readonly: false,
             lower: vec!["/l/b".into(), "/l/a".into()],
             upper: Some(UpperDirs { upper: "/v/upper".into(), work: "/v/work".into() }),
+            flags: super::super::MountOptions::default(),
         }
     }
 
@@ -330,7 +357,12 @@ mod tests {
     #[test]
     fn refuses_what_the_real_one_refuses() {
         let m = RecordingMounter::new();
-        let spec = OverlaySpec { readonly: false, lower: vec!["/l/a:b".into()], upper: None };
+        let spec = OverlaySpec {
+            readonly: false,
+            lower: vec!["/l/a:b".into()],
+            upper: None,
+            flags: super::super::MountOptions::NONE,
+        };
         assert!(matches!(m.overlay(&spec, Path::new("/t")), Err(MountError::UnsafePath { .. })));
         assert!(m.mounted().is_empty());
     }

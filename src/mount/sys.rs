@@ -78,7 +78,17 @@ impl Mounter for SysMounter {
         let opts = overlay_options(spec, target)?;
         // Without an upper the overlay is read-only anyway; saying so on the mount makes
         // mountinfo (and so `mount_at`) report it as such.
-        let flags = if spec.upper.is_none() || spec.readonly { MountFlags::RDONLY } else { MountFlags::empty() };
+        let mut flags = if spec.upper.is_none() || spec.readonly { MountFlags::RDONLY } else { MountFlags::empty() };
+        for (on, flag) in [
+            (spec.flags.nosuid, MountFlags::NOSUID),
+            (spec.flags.nodev, MountFlags::NODEV),
+            (spec.flags.noexec, MountFlags::NOEXEC),
+            (spec.flags.noatime, MountFlags::NOATIME),
+        ] {
+            if on {
+                flags |= flag;
+            }
+        }
         Mount::builder()
             .fstype("overlay")
             .flags(flags)
@@ -140,6 +150,10 @@ impl Mounter for SysMounter {
             return Ok(None);
         };
         Ok(info::mount_at(&info::read_mountinfo()?, &path).cloned())
+    }
+
+    fn mounts_of_upper(&self, upper: &Path) -> Result<Vec<PathBuf>, MountError> {
+        Ok(info::read_mountinfo()?.into_iter().filter(|m| super::writes_to(m, upper)).map(|m| m.mount_point).collect())
     }
 }
 
@@ -251,6 +265,7 @@ mod tests {
             readonly: false,
             lower: lower.iter().map(PathBuf::from).collect(),
             upper: upper.map(|(u, w)| UpperDirs { upper: u.into(), work: w.into() }),
+            flags: crate::mount::MountOptions::NONE,
         }
     }
 
@@ -357,6 +372,7 @@ mod tests {
             readonly: false,
             lower,
             upper: Some(UpperDirs { upper: root.join("upper"), work: root.join("work") }),
+            flags: crate::mount::MountOptions::NONE,
         };
         let merged = root.join("merged");
         let opts = overlay_options(&spec, &merged).expect("options");
@@ -390,6 +406,7 @@ mod tests {
             readonly: false,
             lower: Vec::new(),
             upper: Some(UpperDirs { upper: root.join("upper"), work: root.join("work") }),
+            flags: crate::mount::MountOptions::NONE,
         };
         let len = |spec: &OverlaySpec| overlay_options(spec, &merged).map_or(usize::MAX, |o| o.len());
         let mut i = 0;
@@ -428,7 +445,12 @@ mod tests {
         let root = tmp.path();
         fs::write(root.join("bottom/f"), "bottom").expect("write");
         let merged = root.join("merged");
-        let spec = OverlaySpec { readonly: false, lower: vec![root.join("top"), root.join("bottom")], upper: None };
+        let spec = OverlaySpec {
+            readonly: false,
+            lower: vec![root.join("top"), root.join("bottom")],
+            upper: None,
+            flags: crate::mount::MountOptions::NONE,
+        };
 
         SysMounter.overlay(&spec, &merged).expect("mount");
         let _guard = UnmountGuard::new(&merged);
@@ -448,7 +470,12 @@ mod tests {
         }
         let tmp = dirs(&["merged"]);
         let merged = tmp.path().join("merged");
-        let spec = OverlaySpec { readonly: false, lower: vec![tmp.path().join("missing")], upper: None };
+        let spec = OverlaySpec {
+            readonly: false,
+            lower: vec![tmp.path().join("missing")],
+            upper: None,
+            flags: crate::mount::MountOptions::NONE,
+        };
         let err = SysMounter.overlay(&spec, &merged).expect_err("missing lower");
         let _guard = UnmountGuard::new(&merged);
         match &err {
@@ -591,6 +618,7 @@ mod tests {
             readonly: false,
             lower: vec![root.join("lower")],
             upper: Some(UpperDirs { upper: root.join("upper"), work: root.join("work") }),
+            flags: crate::mount::MountOptions::NONE,
         };
         SysMounter.overlay(&spec, &merged).expect("mount");
         let _guard = UnmountGuard::new(&merged);

@@ -9,12 +9,12 @@ use super::head::{now_unix, Head};
 use super::layer::{LayerKind, LayerRecord};
 use super::layout::{LayerId, VolumeId};
 use super::tree::{self, TreeStats};
-use super::volume::{OnStale, VolumeRecord};
+use super::volume::{Decision, OnStale, VolumeRecord};
 use super::{atomic, Store, StoreError};
 use crate::failpoint;
 
 /// Why a released volume publishes nothing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "reason", rename_all = "kebab-case")]
 pub enum NotPublished {
     /// The volume's policy or the caller forbids publishing.
@@ -45,6 +45,8 @@ pub enum Prepared {
     Publish(Promoted),
     /// Nothing to publish, and why.
     Nothing(NotPublished),
+    /// A decision an earlier attempt recorded and did not finish; [`Store::settle`] finishes it.
+    Decided(Decision),
 }
 
 /// The outcome of the HEAD phase.
@@ -62,6 +64,9 @@ impl Store {
     /// `allow` is the caller's veto (a failed job); resumes a promote a crash interrupted.
     pub fn promote(&self, id: &VolumeId, allow: bool) -> Result<Prepared, StoreError> {
         let mut record = self.volume(id)?.ok_or_else(|| StoreError::VolumeNotFound(id.clone()))?;
+        if let Some(decision) = &record.decision {
+            return Ok(Prepared::Decided(decision.clone()));
+        }
         let upper = self.layout.upper_dir(id);
         if let Some(layer) = &record.pending {
             if let Some(done) = self.layer(layer)? {
@@ -75,6 +80,11 @@ impl Store {
                 // A crash between the rename and the layer record: finish the record.
                 let stats = tree::measure(&dest)?;
                 return self.record_layer(&record, layer.clone(), stats);
+            }
+            if !upper.exists() {
+                // Neither the upper nor its layer: the layer was dropped by a decision that a full
+                // disk kept from being recorded, the only way a pending layer goes without one.
+                return Ok(Prepared::Nothing(NotPublished::NoSpace));
             }
         }
         if !(record.policy.publish && allow) {
@@ -97,6 +107,12 @@ impl Store {
             // fails a job), and the caller drops the volume, which gives the space back.
             Err(e) if e.is_no_space() => {
                 if let Some(layer) = &record.pending {
+                    // Recorded first when there is room for it; when there is not, a resume
+                    // recognises the missing layer and upper (see above).
+                    let why = NotPublished::NoSpace;
+                    if let Err(e) = self.decide(id, Decision::Abandoned { why }) {
+                        tracing::warn!(error = %e, "could not record dropping the change on a full disk");
+                    }
                     self.remove_layer(layer)?;
                 }
                 Ok(Prepared::Nothing(NotPublished::NoSpace))
@@ -164,8 +180,39 @@ impl Store {
         Ok(Prepared::Publish(Promoted { layer, stats }))
     }
 
-    /// Points HEAD at base + the promoted layer if HEAD is still the volume's base.
-    /// The caller must hold the cache's publish lock.
+    /// Records a release's decision in the volume's record, before anything acts on it.
+    pub fn decide(&self, id: &VolumeId, decision: Decision) -> Result<(), StoreError> {
+        self.update_volume(id, |r| r.decision = Some(decision)).map(drop)
+    }
+
+    /// Carries out a recorded decision: a dropped change's layer goes (never one a HEAD names),
+    /// then the volume. Repeating it after a crash anywhere in it is safe.
+    pub fn settle(&self, id: &VolumeId) -> Result<Option<Decision>, StoreError> {
+        let Some(record) = self.volume(id)? else { return Ok(None) };
+        if let (Some(Decision::Stale { .. } | Decision::Abandoned { .. }), Some(layer)) =
+            (&record.decision, &record.pending)
+        {
+            let named = self.head(&record.cache)?.is_some_and(|h| h.layers.contains(layer));
+            if !named {
+                self.remove_layer(layer)?;
+            }
+        }
+        failpoint::hit("commit.settle-before-drop");
+        self.drop_volume(id)?;
+        Ok(record.decision)
+    }
+
+    /// Whether the cache's HEAD names `layer` (a commit that already happened).
+    pub fn head_names(&self, record: &VolumeRecord, layer: &LayerId) -> Result<Option<Advanced>, StoreError> {
+        Ok(self
+            .head(&record.cache)?
+            .filter(|h| h.layers.contains(layer))
+            .map(|h| Advanced::Committed { version: h.version, depth: h.layers.len() }))
+    }
+
+    /// Points HEAD at base + the promoted layer if HEAD is still the volume's base (same version
+    /// and same lineage). The caller must hold the cache's publish lock. A stale result changes
+    /// nothing: the caller records it, then [`Store::settle`]s.
     pub fn advance_head(&self, record: &VolumeRecord, promoted: &Promoted) -> Result<Advanced, StoreError> {
         let _pin = self.state_lock(false)?;
         let key = &record.cache;
@@ -176,7 +223,9 @@ impl Store {
             return Ok(Advanced::Committed { version: head.version, depth: head.layers.len() });
         }
         let base = record.base.version;
-        let below: Vec<LayerId> = if current_version == base {
+        let current_lineage = current.as_ref().map_or("", |h| h.lineage.as_str());
+        let same_base = current_version == base && current_lineage == record.base.lineage;
+        let below: Vec<LayerId> = if same_base {
             match (&current, record.policy.fresh) {
                 (_, true) => Vec::new(),
                 // Same version, maybe squashed since: its layers hold the same content.
@@ -187,12 +236,13 @@ impl Store {
         } else if record.policy.on_stale == OnStale::Stack && !record.policy.fresh {
             current.as_ref().map(|h| h.layers.clone()).unwrap_or_default()
         } else {
-            self.remove_layer(&promoted.layer)?;
             return Ok(Advanced::Stale { base, current: current_version });
         };
         let mut layers = below;
         layers.push(promoted.layer.clone());
-        let head = Head { version: current_version + 1, layers, updated_unix: now_unix() };
+        // A cache without a HEAD starts a new lifetime; every later version keeps its lineage.
+        let lineage = current.as_ref().map_or_else(Head::new_lineage, |h| h.lineage.clone());
+        let head = Head { version: current_version + 1, layers, updated_unix: now_unix(), lineage };
         atomic::create_dir_durable(&self.layout.cache_dir(key))?;
         failpoint::hit("commit.before-head");
         atomic::write_json(&self.layout.head_path(key), &head)?;

@@ -10,9 +10,9 @@ use serde::Serialize;
 
 use super::head::now_unix;
 use super::layout::{CacheKey, LayerId, VolumeId};
+use super::volume::VolumeRecord;
 use super::{read_dir, tree, Store, StoreError};
 use crate::failpoint;
-use crate::mount::{Mounter, Unmounted};
 
 /// What a collection freed and what it had to leave.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -30,11 +30,15 @@ pub struct GcReport {
 }
 
 impl Store {
-    /// Collects orphaned volumes, unreferenced layers and scratch left by crashes.
-    pub fn collect(&self, mounter: &dyn Mounter, progress: &mut dyn FnMut(&str)) -> Result<GcReport, StoreError> {
+    /// Collects unreferenced layers and scratch left by crashes. `release_scratch` is asked to
+    /// let go of a scratch directory (a squash killed mid-copy leaves its view mounted there)
+    /// before it is deleted; an error leaves it for the next run.
+    pub fn collect(
+        &self,
+        release_scratch: &mut dyn FnMut(&std::path::Path) -> Result<(), String>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<GcReport, StoreError> {
         let mut report = GcReport::default();
-        self.reclaim_dead_volumes(mounter, &mut report)?;
-        progress("volumes checked");
 
         let mut doomed: Vec<PathBuf> = Vec::new();
         {
@@ -107,8 +111,7 @@ impl Store {
             // Nothing else uses tmp/ while we hold the lock exclusively (squash holds it shared).
             for name in read_dir(&self.layout.tmp_dir())? {
                 let path = self.layout.tmp_dir().join(name);
-                // A squash killed mid-copy leaves its read-only view mounted: take it down first.
-                if let Err(e) = mounter.unmount(&path.join("view")) {
+                if let Err(e) = release_scratch(&path) {
                     report.deferred.push(format!("{}: {e}", path.display()));
                     continue;
                 }
@@ -144,25 +147,9 @@ impl Store {
         Ok(out)
     }
 
-    fn reclaim_dead_volumes(&self, mounter: &dyn Mounter, report: &mut GcReport) -> Result<(), StoreError> {
-        for record in self.volumes()? {
-            let Some(owner) = record.owner else { continue };
-            if owner.is_alive() {
-                continue;
-            }
-            if let Some(path) = &record.mount_path {
-                match mounter.unmount(path) {
-                    Ok(Unmounted::Done | Unmounted::NotMounted) => {}
-                    Err(e) => {
-                        report.deferred.push(format!("volume {}: {e}", record.id));
-                        continue;
-                    }
-                }
-            }
-            self.drop_volume(&record.id)?;
-            report.volumes_reclaimed.push(record.id);
-        }
-        Ok(())
+    /// Volumes made by `jobcachefs run` processes that are gone: the caller unmounts and drops them.
+    pub fn dead_volumes(&self) -> Result<Vec<VolumeRecord>, StoreError> {
+        Ok(self.volumes()?.into_iter().filter(|r| r.owner.is_some_and(|o| !o.is_alive())).collect())
     }
 
     /// Renames `path` to a fresh `.trash-*` name beside it (same filesystem, shared or not), so

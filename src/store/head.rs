@@ -14,11 +14,20 @@ pub struct Head {
     /// Seconds since the epoch of the last change to this file.
     #[serde(default)]
     pub updated_unix: u64,
+    /// Which lifetime of the cache this is: made at its first version, kept by every later one,
+    /// new again after `cache rm`, so a v1 of one lifetime is never taken for a v1 of another.
+    #[serde(default)]
+    pub lineage: String,
 }
 
 impl Head {
     /// The version a missing HEAD stands for.
     pub const NONE: u64 = 0;
+
+    /// A fresh lineage id for a cache's first version.
+    pub fn new_lineage() -> String {
+        super::layout::LayerId::generate().to_string()
+    }
 }
 
 /// Seconds since the epoch, 0 if the clock is before it.

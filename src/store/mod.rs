@@ -21,7 +21,7 @@ use nix::fcntl::{Flock, FlockArg};
 pub use head::Head;
 pub use layer::{LayerKind, LayerRecord};
 pub use layout::{CacheKey, LayerId, Layout, Name, NameError, VolumeId};
-pub use volume::{Base, OnStale, Owner, Policy, VolumeRecord, VolumeRequest};
+pub use volume::{Base, Decision, OnStale, Owner, PodUse, Policy, PublishWhen, VolumeRecord, VolumeRequest};
 
 use head::now_unix;
 
@@ -52,9 +52,6 @@ pub enum StoreError {
     /// A layer tree could not be measured, copied or removed.
     #[error(transparent)]
     Tree(#[from] tree::TreeError),
-    /// Squash could not mount or unmount its read-only view.
-    #[error("squash {cache}: {source}")]
-    SquashMount { cache: CacheKey, source: crate::mount::MountError },
 }
 
 impl StoreError {
@@ -103,6 +100,22 @@ pub struct NewVolume {
     pub owner: Option<Owner>,
     /// The orchestrator's request, compared on a repeated create.
     pub request: Option<VolumeRequest>,
+    /// The flags its overlay is mounted with.
+    pub flags: crate::mount::MountOptions,
+}
+
+/// One pin file read back: the volume, its cache (when recorded) and the layers it pins.
+type PinEntry = (String, Option<CacheKey>, Vec<LayerId>);
+
+/// `pins/<volume>.json` on a shared store: which layers one node's volume keeps alive, and
+/// for which cache, so gc and eviction on every node see the volumes of every other.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum PinFile {
+    /// What this version writes.
+    Cache { cache: CacheKey, layers: Vec<LayerId> },
+    /// What earlier versions wrote: the layers alone.
+    Layers(Vec<LayerId>),
 }
 
 /// What a cache holds right now, for listings.
@@ -196,6 +209,9 @@ impl Store {
             pending: None,
             created_unix: now_unix(),
             request: req.request.clone(),
+            decision: None,
+            pods: Vec::new(),
+            flags: req.flags,
         };
         atomic::create_dir_durable(&self.layout.volume_dir(&req.id))?;
         // The record goes down before any mount so the layers are pinned from the first moment.
@@ -221,7 +237,14 @@ impl Store {
         let own = self.head(&req.cache)?;
         let own_version = own.as_ref().map_or(Head::NONE, |h| h.version);
         if req.policy.fresh {
-            return Ok(Base { version: own_version, layers: Vec::new(), from: req.cache.clone(), from_version: 0 });
+            let lineage = own.map(|h| h.lineage).unwrap_or_default();
+            return Ok(Base {
+                version: own_version,
+                layers: Vec::new(),
+                from: req.cache.clone(),
+                from_version: 0,
+                lineage,
+            });
         }
         if let Some(head) = own {
             self.check_layers(&req.cache, &head)?;
@@ -230,6 +253,7 @@ impl Store {
                 layers: head.layers,
                 from: req.cache.clone(),
                 from_version: head.version,
+                lineage: head.lineage,
             });
         }
         for fallback in &req.fallbacks {
@@ -240,10 +264,17 @@ impl Store {
                     layers: head.layers,
                     from: fallback.clone(),
                     from_version: head.version,
+                    lineage: String::new(),
                 });
             }
         }
-        Ok(Base { version: Head::NONE, layers: Vec::new(), from: req.cache.clone(), from_version: 0 })
+        Ok(Base {
+            version: Head::NONE,
+            layers: Vec::new(),
+            from: req.cache.clone(),
+            from_version: 0,
+            lineage: String::new(),
+        })
     }
 
     fn check_layers(&self, cache: &CacheKey, head: &Head) -> Result<(), StoreError> {
@@ -266,10 +297,20 @@ impl Store {
 
     /// Records where a volume is mounted.
     pub fn set_mount_path(&self, id: &VolumeId, path: Option<&Path>) -> Result<VolumeRecord, StoreError> {
+        self.update_volume(id, |r| r.mount_path = path.map(Path::to_path_buf))
+    }
+
+    /// Changes a volume's record with `change` and writes it (durably) if that changed anything.
+    pub fn update_volume(
+        &self,
+        id: &VolumeId,
+        change: impl FnOnce(&mut VolumeRecord),
+    ) -> Result<VolumeRecord, StoreError> {
         let _pin = self.state_lock(false)?;
         let mut record = self.volume(id)?.ok_or_else(|| StoreError::VolumeNotFound(id.clone()))?;
-        if record.mount_path.as_deref() != path {
-            record.mount_path = path.map(Path::to_path_buf);
+        let before = record.clone();
+        change(&mut record);
+        if record != before {
             atomic::write_json(&self.layout.volume_record(id), &record)?;
         }
         Ok(record)
@@ -318,8 +359,8 @@ impl Store {
         if !self.layout.is_shared() {
             return Ok(());
         }
-        let pinned: Vec<&LayerId> = record.pinned().collect();
-        atomic::write_json(&self.layout.pin_path(&record.id), &pinned)
+        let pin = PinFile::Cache { cache: record.cache.clone(), layers: record.pinned().cloned().collect() };
+        atomic::write_json(&self.layout.pin_path(&record.id), &pin)
     }
 
     fn remove_pin(&self, id: &VolumeId) -> Result<(), StoreError> {
@@ -332,18 +373,42 @@ impl Store {
 
     /// Layers pinned through the shared pin files (empty for a local store).
     pub(crate) fn shared_pins(&self) -> Result<Vec<LayerId>, StoreError> {
+        Ok(self.pin_files()?.into_iter().flat_map(|(_, _, layers)| layers).collect())
+    }
+
+    /// The shared pin files as (volume, cache if recorded, layers).
+    fn pin_files(&self) -> Result<Vec<PinEntry>, StoreError> {
         let dir = self.layout.pins_dir();
         let mut out = Vec::new();
         for name in read_dir(&dir)? {
             let text = name.to_string_lossy();
-            if !text.ends_with(".json") {
-                continue;
-            }
-            if let Some(layers) = atomic::read_json::<Vec<LayerId>>(&dir.join(&name))? {
-                out.extend(layers);
+            let Some(volume) = text.strip_suffix(".json") else { continue };
+            match atomic::read_json::<PinFile>(&dir.join(&name))? {
+                Some(PinFile::Cache { cache, layers }) => out.push((volume.to_string(), Some(cache), layers)),
+                Some(PinFile::Layers(layers)) => out.push((volume.to_string(), None, layers)),
+                None => {}
             }
         }
         Ok(out)
+    }
+
+    /// Volumes of `key` that live now, on this node and (through the pins of a shared store)
+    /// on every other; a pin of the old form counts when it holds one of `layers`.
+    pub fn live_volumes(&self, key: &CacheKey, layers: &[LayerId]) -> Result<usize, StoreError> {
+        let mut ids: std::collections::BTreeSet<String> =
+            self.volumes()?.into_iter().filter(|v| &v.cache == key).map(|v| v.id.to_string()).collect();
+        if self.layout.is_shared() {
+            for (volume, cache, pinned) in self.pin_files()? {
+                let ours = match cache {
+                    Some(cache) => &cache == key,
+                    None => pinned.iter().any(|l| layers.contains(l)),
+                };
+                if ours {
+                    ids.insert(volume);
+                }
+            }
+        }
+        Ok(ids.len())
     }
 
     /// Every cache that has a directory, sorted.
@@ -371,7 +436,7 @@ impl Store {
                 files += rec.files;
             }
         }
-        let volumes = self.volumes()?.iter().filter(|v| &v.cache == key).count();
+        let volumes = self.live_volumes(key, &layers)?;
         Ok(CacheInfo {
             cache: key.clone(),
             version,

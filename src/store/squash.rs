@@ -6,8 +6,9 @@ use super::layer::{LayerKind, LayerRecord};
 use super::layout::{CacheKey, LayerId};
 use super::tree::{self, CopyOptions, TreeStats};
 use super::{atomic, StateLock, Store, StoreError};
+use std::path::PathBuf;
+
 use crate::failpoint;
-use crate::mount::{Mounter, OverlaySpec};
 
 /// Default depth past which a cache is squashed.
 pub const DEFAULT_MAX_DEPTH: usize = 8;
@@ -39,16 +40,34 @@ pub enum SquashOutcome {
     Lost,
 }
 
+/// A squash under way: HEAD's layers to flatten through a read-only view that the caller
+/// mounts (the store never mounts), and where the flat copy goes.
+#[derive(Debug)]
+pub struct SquashPlan {
+    /// The cache.
+    pub cache: CacheKey,
+    /// The id the flat layer will get.
+    pub layer: LayerId,
+    /// The layers to flatten, bottom to top.
+    pub prefix: Vec<LayerId>,
+    /// Lower directories of the view, top first.
+    pub lower: Vec<PathBuf>,
+    /// Where the caller mounts the read-only view of the stack.
+    pub view: PathBuf,
+    scratch: PathBuf,
+    flat: PathBuf,
+    // Held until HEAD names the layer, so gc cannot take it first.
+    pin: StateLock,
+}
+
 impl Store {
-    /// Builds a flat copy of HEAD's layers if HEAD is deeper than `max_depth`.
-    /// Takes time proportional to the cache's size; holds no publish lock while it works.
-    pub fn squash_build(
+    /// Plans a squash of HEAD's layers if HEAD is deeper than `max_depth`: pins them and makes
+    /// the scratch directory with an empty mount point for the view.
+    pub fn squash_plan(
         &self,
         key: &CacheKey,
         max_depth: usize,
-        mounter: &dyn Mounter,
-        progress: &mut dyn FnMut(&TreeStats),
-    ) -> Result<Result<Squashed, SquashOutcome>, StoreError> {
+    ) -> Result<Result<SquashPlan, SquashOutcome>, StoreError> {
         let pin = self.state_lock(false)?;
         let Some(head) = self.head(key)? else { return Ok(Err(SquashOutcome::Lost)) };
         if head.layers.len() <= max_depth.max(1) {
@@ -61,49 +80,56 @@ impl Store {
         // gc sweeps such dot-names only under its exclusive lock, which our shared pin excludes.
         let flat = self.layout.layers_dir().join(format!(".squash-{layer}"));
         atomic::create_dir_durable(&view)?;
-        let spec = OverlaySpec {
-            readonly: false,
-            lower: head.layers.iter().rev().map(|l| self.layout.layer_dir(l)).collect(),
-            upper: None,
-        };
-        let mount_err = |source| StoreError::SquashMount { cache: key.clone(), source };
-        mounter.overlay(&spec, &view).map_err(mount_err)?;
+        let lower = head.layers.iter().rev().map(|l| self.layout.layer_dir(l)).collect();
+        Ok(Ok(SquashPlan { cache: key.clone(), layer, prefix: head.layers, lower, view, scratch, flat, pin }))
+    }
+
+    /// Copies the mounted view into the flat layer. Takes time proportional to the cache's
+    /// size; holds no publish lock while it works. On failure the partial copy is removed.
+    pub fn squash_copy(
+        &self,
+        plan: &SquashPlan,
+        progress: &mut dyn FnMut(&TreeStats),
+    ) -> Result<TreeStats, StoreError> {
         // Overlay hides whiteouts and opaque markers in its merged view: the copy is flat.
-        let copied = tree::copy_tree(&view, &flat, CopyOptions { keep_overlay_xattrs: false }, progress);
-        let unmounted = mounter.unmount(&view).map_err(mount_err);
-        let stats = match (copied, unmounted) {
-            (Ok(stats), Ok(_)) => stats,
-            (copied, unmounted) => {
-                // Give the space back now (a full disk is the usual cause), not at the next gc;
-                // with the view still mounted, leave the scratch for gc, which unmounts first.
-                let _ = tree::remove_tree(&flat);
-                if unmounted.is_ok() {
-                    let _ = tree::remove_tree(&scratch);
-                }
-                return Err(copied
-                    .err()
-                    .map(StoreError::from)
-                    .or(unmounted.err())
-                    .unwrap_or_else(|| StoreError::io("squash", &scratch, std::io::Error::other("copy failed"))));
+        match tree::copy_tree(&plan.view, &plan.flat, CopyOptions { keep_overlay_xattrs: false }, progress) {
+            Ok(stats) => Ok(stats),
+            Err(e) => {
+                // Give the space back now (a full disk is the usual cause), not at the next gc.
+                let _ = tree::remove_tree(&plan.flat);
+                Err(e.into())
             }
-        };
+        }
+    }
+
+    /// Drops a squash whose copy or view failed; the scratch stays for gc while the view may
+    /// still be mounted.
+    pub fn squash_abandon(&self, plan: SquashPlan, view_unmounted: bool) {
+        let _ = tree::remove_tree(&plan.flat);
+        if view_unmounted {
+            let _ = tree::remove_tree(&plan.scratch);
+        }
+    }
+
+    /// Makes the copied (and unmounted) flat layer a layer: renamed into place and recorded.
+    pub fn squash_record(&self, plan: SquashPlan, stats: TreeStats) -> Result<Squashed, StoreError> {
         failpoint::hit("squash.after-copy");
-        let dest = self.layout.layer_dir(&layer);
-        std::fs::rename(&flat, &dest).map_err(|e| StoreError::io("rename squashed layer", &flat, e))?;
+        let dest = self.layout.layer_dir(&plan.layer);
+        std::fs::rename(&plan.flat, &dest).map_err(|e| StoreError::io("rename squashed layer", &plan.flat, e))?;
         let record = LayerRecord {
-            id: layer.clone(),
-            cache: key.clone(),
+            id: plan.layer.clone(),
+            cache: plan.cache.clone(),
             kind: LayerKind::Squash,
             bytes: stats.bytes,
             files: stats.files,
             created_unix: now_unix(),
             from_volume: None,
         };
-        atomic::write_json(&self.layout.layer_record(&layer), &record)?;
+        atomic::write_json(&self.layout.layer_record(&plan.layer), &record)?;
         atomic::sync_dir(&self.layout.layers_dir())?;
-        tree::remove_tree(&scratch)?;
+        tree::remove_tree(&plan.scratch)?;
         failpoint::hit("squash.after-layer");
-        Ok(Ok(Squashed { cache: key.clone(), layer, prefix: head.layers, stats, _pin: pin }))
+        Ok(Squashed { cache: plan.cache, layer: plan.layer, prefix: plan.prefix, stats, _pin: plan.pin })
     }
 
     /// Replaces the squashed prefix of HEAD with the flat layer if HEAD still starts with it.
@@ -117,7 +143,7 @@ impl Store {
         };
         let mut layers = vec![squashed.layer.clone()];
         layers.extend_from_slice(&current.layers[squashed.prefix.len()..]);
-        let head = Head { version: current.version, layers, updated_unix: now_unix() };
+        let head = Head { version: current.version, layers, updated_unix: now_unix(), lineage: current.lineage };
         failpoint::hit("squash.before-head");
         atomic::write_json(&self.layout.head_path(key), &head)?;
         Ok(SquashOutcome::Squashed { version: head.version, replaced: squashed.prefix.len(), depth: head.layers.len() })

@@ -18,6 +18,44 @@ pub enum OnStale {
     Stack,
 }
 
+/// When a volume that may publish does publish.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PublishWhen {
+    /// Not set: `on-success` where the driver knows the volume's pods, `always` elsewhere.
+    #[default]
+    Auto,
+    /// Whenever it changed something.
+    Always,
+    /// Only if every pod that used it succeeded (no answer from the API: no publish).
+    OnSuccess,
+    /// Only if it changed something (what `always` does too: an unchanged volume never publishes).
+    OnChange,
+}
+
+impl PublishWhen {
+    /// Reads the `publishWhen` parameter; the error is the rule it breaks.
+    pub fn parse(value: Option<&str>) -> Result<Self, &'static str> {
+        match value {
+            None => Ok(Self::Auto),
+            Some("always") => Ok(Self::Always),
+            Some("on-success") => Ok(Self::OnSuccess),
+            Some("on-change") => Ok(Self::OnChange),
+            Some(_) => Err("must be \"always\", \"on-success\" or \"on-change\""),
+        }
+    }
+
+    /// Whether the pods' outcomes let the volume publish. `known` are the recorded pods.
+    pub fn allows(&self, pods: &[PodUse]) -> bool {
+        let succeeded = |p: &PodUse| p.outcome.as_deref() == Some("succeeded");
+        match self {
+            Self::Always | Self::OnChange => true,
+            Self::Auto if pods.is_empty() => true,
+            Self::Auto | Self::OnSuccess => !pods.is_empty() && pods.iter().all(succeeded),
+        }
+    }
+}
+
 /// Whether and how a volume may become the next version.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
@@ -32,6 +70,9 @@ pub struct Policy {
     /// Mounted read-only: nothing can be written, so nothing is ever published.
     #[serde(default)]
     pub read_only: bool,
+    /// When it publishes, judged by its pods' outcomes.
+    #[serde(default)]
+    pub publish_when: PublishWhen,
 }
 
 /// The version a volume was restored from, pinned for as long as the volume lives.
@@ -46,6 +87,38 @@ pub struct Base {
     /// The version of `from` that was mounted (differs from `version` for a fallback).
     #[serde(default)]
     pub from_version: u64,
+    /// The lineage of the cache's HEAD at restore ("" when it had none): a publish needs both
+    /// the version and the lineage to still match.
+    #[serde(default)]
+    pub lineage: String,
+}
+
+/// What a release decided, written to the record before it is acted on, so a retry or a
+/// restart after a crash finishes the same decision instead of making another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "kebab-case")]
+pub enum Decision {
+    /// HEAD names the pending layer at `version`.
+    Committed { version: u64, depth: usize },
+    /// HEAD moved past the base; the pending layer is dropped.
+    Stale { base: u64, current: u64 },
+    /// The change is dropped, and why.
+    Abandoned { why: super::commit::NotPublished },
+}
+
+/// A pod that used a volume (from the pod info kubelet passes on NodePublish) and, once it
+/// let the volume go, how it ended: what `publishWhen=on-success` decides on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodUse {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub name: String,
+    /// Where it was published.
+    pub target: PathBuf,
+    /// `succeeded`, `failed`, `running`, `gone` or `unknown` once read at unpublish; `None` before.
+    #[serde(default)]
+    pub outcome: Option<String>,
 }
 
 /// The process that owns a volume made by `jobcachefs run`; when it is gone the volume is an orphan.
@@ -82,6 +155,15 @@ pub struct VolumeRecord {
     /// What an orchestrator asked for, so a repeated create can be recognised (CSI).
     #[serde(default)]
     pub request: Option<VolumeRequest>,
+    /// A release's decision, once made (see [`Decision`]).
+    #[serde(default)]
+    pub decision: Option<Decision>,
+    /// Pods that used the volume and how they ended.
+    #[serde(default)]
+    pub pods: Vec<PodUse>,
+    /// The flags its overlay is mounted with.
+    #[serde(default)]
+    pub flags: crate::mount::MountOptions,
 }
 
 /// The orchestrator's request behind a volume: a repeat with the same values is the same volume.
@@ -131,6 +213,35 @@ fn start_ticks(pid: i32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publish_when_decides_by_the_pods() {
+        let pod = |outcome: Option<&str>| PodUse {
+            namespace: "ci".into(),
+            name: "p".into(),
+            target: "/t".into(),
+            outcome: outcome.map(String::from),
+        };
+        let ok = pod(Some("succeeded"));
+        let cases: &[(PublishWhen, Vec<PodUse>, bool)] = &[
+            (PublishWhen::Auto, vec![], true),
+            (PublishWhen::Auto, vec![ok.clone()], true),
+            (PublishWhen::Auto, vec![pod(Some("failed"))], false),
+            (PublishWhen::Auto, vec![pod(None)], false),
+            (PublishWhen::Auto, vec![ok.clone(), pod(Some("gone"))], false),
+            (PublishWhen::OnSuccess, vec![], false),
+            (PublishWhen::OnSuccess, vec![ok.clone()], true),
+            (PublishWhen::OnSuccess, vec![pod(Some("unknown"))], false),
+            (PublishWhen::Always, vec![pod(Some("failed"))], true),
+            (PublishWhen::OnChange, vec![pod(Some("failed"))], true),
+        ];
+        for (when, pods, want) in cases {
+            assert_eq!(when.allows(pods), *want, "{when:?} with {pods:?}");
+        }
+        assert_eq!(PublishWhen::parse(None), Ok(PublishWhen::Auto));
+        assert_eq!(PublishWhen::parse(Some("on-success")), Ok(PublishWhen::OnSuccess));
+        assert!(PublishWhen::parse(Some("sometimes")).is_err());
+    }
 
     #[test]
     fn this_process_is_alive_and_a_made_up_one_is_not() {

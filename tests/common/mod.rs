@@ -118,6 +118,7 @@ pub fn volume(id: &str, cache: &CacheKey, policy: Policy, target: &Path) -> NewV
         mount_path: Some(target.to_path_buf()),
         owner: None,
         request: None,
+        flags: jobcachefs::mount::MountOptions::default(),
     }
 }
 

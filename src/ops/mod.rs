@@ -1,0 +1,526 @@
+//! The volume lifecycle: the one place the commit protocol is put together from the store,
+//! the mounter and the publish lock. The command line and the CSI services both call it.
+//!
+//! Every volume operation runs in a task the engine owns, holding the volume's in-flight guard
+//! (and, while it publishes, the cache's lock) until the work ends: a caller that gives up
+//! (a gRPC deadline drops the request's future) cannot cut it short, and a call that arrives
+//! while it runs is refused with [`OpsError::InFlight`] until it is done.
+
+mod inflight;
+mod node;
+mod upkeep;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::{Instrument, Span};
+
+pub use node::{Unpublished, VolumeStats};
+pub use upkeep::Background;
+
+use crate::cluster::Cluster;
+use crate::lock::{LockError, PublishLock};
+use crate::mount::{MountError, Mounter, OverlaySpec, UpperDirs};
+use crate::store::commit::{Advanced, NotPublished, Prepared};
+use crate::store::{CacheKey, Decision, NewVolume, Store, StoreError, VolumeId, VolumeRecord};
+use inflight::Inflight;
+
+/// Errors of a volume operation, with the volume they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A mount or unmount failed.
+    #[error("volume {volume}: {source}")]
+    Mount { volume: VolumeId, source: MountError },
+    /// The publish lock could not be had; the volume is kept so a retry resumes.
+    #[error("volume {volume}: {source}; the change is kept, retry the release")]
+    Lock { volume: VolumeId, source: LockError },
+    /// Maintenance could not get a cache's publish lock.
+    #[error("cache {cache}: {source}")]
+    CacheLock { cache: CacheKey, source: LockError },
+    /// Something other than this volume is mounted where it should go.
+    #[error("volume {volume}: {target} already has {found} mounted on it; unmount it first")]
+    ForeignMount { volume: VolumeId, target: PathBuf, found: String },
+    /// A restore was asked without a place to mount.
+    #[error("volume {0}: no mount path given")]
+    NoMountPath(VolumeId),
+    /// Another operation on the volume is still running; the caller retries later.
+    #[error("volume {volume}: {running} is still in progress; retry once it is done")]
+    InFlight { volume: String, running: &'static str },
+    /// The volume's overlay is already mounted elsewhere: one upper is never mounted twice.
+    #[error("volume {volume} is already staged at {at}; unstage it there first")]
+    StagedElsewhere { volume: VolumeId, at: PathBuf },
+    /// The volume is still mounted (a target left behind): its upper cannot become a layer.
+    #[error("volume {volume} is still mounted at {at}; unpublish it there first (the change is kept)")]
+    StillMounted { volume: VolumeId, at: PathBuf },
+    /// A bind was asked of a volume that is not staged there.
+    #[error("volume {volume} is not staged at {staging}: call NodeStageVolume first")]
+    NotStaged { volume: VolumeId, staging: PathBuf },
+    /// The volume is not mounted at the path asked about.
+    #[error("volume {volume} is not mounted at {path}")]
+    NotMountedAt { volume: VolumeId, path: PathBuf },
+    /// A target holds this volume mounted another way (read-only vs read-write).
+    #[error("{target} already has volume {volume} mounted {mode}; unpublish it first")]
+    MountedOtherwise { volume: VolumeId, target: PathBuf, mode: &'static str },
+    /// A volume was asked to mount with flags other than its overlay has.
+    #[error("volume {volume} is mounted with flags [{mounted}], not [{asked}]; unstage it first")]
+    FlagsDiffer { volume: VolumeId, mounted: String, asked: String },
+    /// A directory operation of the lifecycle (mount points) failed.
+    #[error("volume {volume}: {op} {path}: {source}")]
+    Io { volume: VolumeId, op: &'static str, path: PathBuf, source: std::io::Error },
+    /// Squash could not mount or unmount its read-only view.
+    #[error("squash {cache}: {source}")]
+    SquashMount { cache: CacheKey, source: MountError },
+    /// A blocking task died.
+    #[error("internal: task failed: {0}")]
+    Join(String),
+}
+
+/// What a restore mounted.
+#[derive(Debug, Clone, Serialize)]
+pub struct Restored {
+    /// The volume's record.
+    pub volume: VolumeRecord,
+    /// Entries in the restored layers (by their records).
+    pub files: u64,
+    /// Bytes in the restored layers.
+    pub bytes: u64,
+}
+
+/// How a release ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum Released {
+    /// HEAD advanced to `version`.
+    Committed { version: u64, depth: usize, bytes: u64, files: u64 },
+    /// HEAD had moved past the volume's base; the delta was dropped.
+    Stale { base: u64, current: u64 },
+    /// Nothing was published.
+    NotPublished { why: NotPublished },
+}
+
+impl std::fmt::Display for Released {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Released::Committed { version, bytes, files, .. } => {
+                write!(f, "published v{version} ({}, {files} files)", bytesize::ByteSize(*bytes).display().iec())
+            }
+            Released::Stale { base, current } => {
+                write!(f, "not published: skipped: base {base} is stale, current is {current}")
+            }
+            Released::NotPublished { why: NotPublished::NotAllowed } => {
+                write!(f, "not published: publishing is not allowed for this volume")
+            }
+            Released::NotPublished { why: NotPublished::Unchanged } => write!(f, "not published: nothing changed"),
+            Released::NotPublished { why: NotPublished::NoSpace } => {
+                write!(f, "not published: the cache's filesystem is full; the change was dropped to free it")
+            }
+            Released::NotPublished { why: NotPublished::DeadlinePassed { after_secs } } => write!(
+                f,
+                "not published: skipped: the publish lock stayed busy past the {after_secs}s publish deadline"
+            ),
+            Released::NotPublished { why: NotPublished::TooBig { bytes, max_bytes } } => write!(
+                f,
+                "not published: {} changed, over maxBytes {}",
+                bytesize::ByteSize(*bytes).display().iec(),
+                bytesize::ByteSize(*max_bytes).display().iec()
+            ),
+        }
+    }
+}
+
+/// The store, a mounter and a publish lock, wired together.
+#[derive(Clone)]
+pub struct Engine {
+    store: Store,
+    mounter: Arc<dyn Mounter>,
+    lock: Arc<dyn PublishLock>,
+    lock_timeout: Duration,
+    publish_deadline: Option<Duration>,
+    inflight: Inflight,
+    pods: Option<Arc<dyn Cluster>>,
+    background: upkeep::Squasher,
+}
+
+/// Runs blocking store or mount work off the async threads, inside the caller's span.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, OpsError> + Send + 'static) -> Result<T, OpsError> {
+    let span = Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f)).await.map_err(|e| OpsError::Join(e.to_string()))?
+}
+
+/// Unmounts, riding out the brief EBUSY a process forking elsewhere can cause by holding a
+/// copy of an fd inside the mount until it execs. Never lazily: a mount still busy after
+/// that is an error the caller retries, with the upper intact.
+pub fn unmount_patiently(mounter: &dyn Mounter, path: &Path) -> Result<(), MountError> {
+    let mut attempt = 0;
+    loop {
+        match mounter.unmount(path) {
+            Err(MountError::Busy { .. }) if attempt < BUSY_RETRIES => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other.map(|_| ()),
+        }
+    }
+}
+
+/// Tries of a busy unmount before reporting it.
+const BUSY_RETRIES: u32 = 5;
+
+impl Engine {
+    /// Wires an engine.
+    pub fn new(store: Store, mounter: Arc<dyn Mounter>, lock: Arc<dyn PublishLock>, lock_timeout: Duration) -> Self {
+        Self {
+            store,
+            mounter,
+            lock,
+            lock_timeout,
+            publish_deadline: None,
+            inflight: Inflight::default(),
+            pods: None,
+            background: upkeep::Squasher::default(),
+        }
+    }
+
+    /// Uses `lock` as the publish lock instead of the one given at construction.
+    pub fn with_lock(mut self, lock: Arc<dyn PublishLock>) -> Self {
+        self.lock = lock;
+        self
+    }
+
+    /// After `deadline` of failing to get the lock, a release drops its change and succeeds:
+    /// a cache never fails a job. Without one, a release keeps answering "retry".
+    pub fn with_publish_deadline(mut self, deadline: Duration) -> Self {
+        self.publish_deadline = Some(deadline);
+        self
+    }
+
+    /// Asks `cluster` how the pods that used a volume ended (`publishWhen`).
+    pub fn with_pods(mut self, cluster: Arc<dyn Cluster>) -> Self {
+        self.pods = Some(cluster);
+        self
+    }
+
+    /// How a cache deeper than `max_depth` is squashed after a commit.
+    pub fn with_background_squash(mut self, max_depth: usize, how: Background) -> Self {
+        self.background = upkeep::Squasher::new(max_depth, how);
+        self
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Runs `work` in a task of its own that holds `key`'s in-flight guard until the work ends,
+    /// whatever happens to the caller: a dropped request only stops waiting for it.
+    async fn owned<T: Send + 'static>(
+        &self,
+        key: &str,
+        op: &'static str,
+        work: impl Future<Output = Result<T, OpsError>> + Send + 'static,
+    ) -> Result<T, OpsError> {
+        let guard =
+            self.inflight.begin(key, op).map_err(|running| OpsError::InFlight { volume: key.to_string(), running })?;
+        let task = tokio::spawn(
+            async move {
+                let _guard = guard;
+                work.await
+            }
+            .instrument(Span::current()),
+        );
+        task.await.map_err(|e| OpsError::Join(e.to_string()))?
+    }
+
+    /// Pins the cache's current version in a new volume and mounts it at `req.mount_path`.
+    /// Repeating it for a volume already mounted there changes nothing.
+    pub async fn restore(&self, req: NewVolume) -> Result<Restored, OpsError> {
+        let this = self.clone();
+        let id = req.id.clone();
+        self.owned(id.as_str(), "restore", async move { blocking(move || this.restore_now(req)).await }).await
+    }
+
+    fn restore_now(&self, req: NewVolume) -> Result<Restored, OpsError> {
+        let target = req.mount_path.clone().ok_or_else(|| OpsError::NoMountPath(req.id.clone()))?;
+        let existed = self.store.volume(&req.id)?.is_some();
+        let record = self.store.create_volume(&req)?;
+        if let Err(err) = self.mount_volume(&record, &target) {
+            if !existed {
+                // Nothing of ours is mounted: the new volume would only pin layers forever.
+                self.store.drop_volume(&req.id)?;
+            }
+            return Err(err);
+        }
+        let (mut files, mut bytes) = (0, 0);
+        for layer in &record.base.layers {
+            if let Some(rec) = self.store.layer(layer)? {
+                files += rec.files;
+                bytes += rec.bytes;
+            }
+        }
+        tracing::info!(cache.namespace = %record.cache.namespace, cache.name = %record.cache.name,
+            head.version = record.base.version, layers = record.base.layers.len(), "restored");
+        Ok(Restored { volume: record, files, bytes })
+    }
+
+    /// Creates (pins) a volume without mounting it yet; idempotent for the same request.
+    pub async fn create(&self, req: NewVolume) -> Result<VolumeRecord, OpsError> {
+        let this = self.clone();
+        let id = req.id.clone();
+        self.owned(id.as_str(), "create", async move { blocking(move || Ok(this.store.create_volume(&req)?)).await })
+            .await
+    }
+
+    /// Whether `path` has this volume's overlay (or a bind of it) mounted on it.
+    fn is_mounted_at(&self, record: &VolumeRecord, path: &Path) -> Result<bool, OpsError> {
+        let found = self.mounter.mount_at(path).map_err(|source| self.mount_err(record, source))?;
+        Ok(found.is_some_and(|m| crate::mount::writes_to(&m, &self.store.layout().upper_dir(&record.id))))
+    }
+
+    /// Every mount point of this volume's upper, from mountinfo (the kernel's own guard is off
+    /// with `index=off`, so this is what keeps one upper from being mounted twice).
+    fn mounts_of(&self, record: &VolumeRecord) -> Result<Vec<PathBuf>, OpsError> {
+        let upper = self.store.layout().upper_dir(&record.id);
+        self.mounter.mounts_of_upper(&upper).map_err(|source| self.mount_err(record, source))
+    }
+
+    fn mount_err(&self, record: &VolumeRecord, source: MountError) -> OpsError {
+        OpsError::Mount { volume: record.id.clone(), source }
+    }
+
+    /// Mounts the volume's overlay at `target` unless it is there already; refuses a target
+    /// holding something else and an upper mounted anywhere else.
+    fn mount_volume(&self, record: &VolumeRecord, target: &Path) -> Result<(), OpsError> {
+        if let Some(m) = self.mounter.mount_at(target).map_err(|source| self.mount_err(record, source))? {
+            if !crate::mount::writes_to(&m, &self.store.layout().upper_dir(&record.id)) {
+                return Err(OpsError::ForeignMount {
+                    volume: record.id.clone(),
+                    target: target.to_path_buf(),
+                    found: format!("{} from {}", m.fstype, m.source),
+                });
+            }
+            // Already ours: a repeated restore changes nothing, if it asks for the same flags.
+            let mounted: Vec<&str> = m.mount_options.split(',').collect();
+            let want = record.flags.names();
+            let differs = ["nosuid", "nodev", "noexec", "noatime"]
+                .iter()
+                .any(|flag| mounted.contains(flag) != want.contains(flag));
+            if differs {
+                return Err(OpsError::FlagsDiffer {
+                    volume: record.id.clone(),
+                    mounted: m.mount_options.clone(),
+                    asked: want.join(","),
+                });
+            }
+            return Ok(());
+        }
+        if let Some(at) = self.mounts_of(record)?.into_iter().next() {
+            return Err(OpsError::StagedElsewhere { volume: record.id.clone(), at });
+        }
+        self.mounter.overlay(&self.overlay_spec(record), target).map_err(|source| self.mount_err(record, source))
+    }
+
+    fn overlay_spec(&self, record: &VolumeRecord) -> OverlaySpec {
+        let layout = self.store.layout();
+        OverlaySpec {
+            readonly: record.policy.read_only,
+            lower: self.store.lower_dirs(record),
+            upper: Some(UpperDirs { upper: layout.upper_dir(&record.id), work: layout.work_dir(&record.id) }),
+            flags: record.flags,
+        }
+    }
+
+    /// Unmounts a volume and publishes its changes if allowed (`allow` is the caller's veto),
+    /// then drops it. `Ok(None)` when the volume does not exist (already released).
+    pub async fn release(&self, id: &VolumeId, allow: bool) -> Result<Option<Released>, OpsError> {
+        let this = self.clone();
+        let vid = id.clone();
+        self.owned(id.as_str(), "release", async move { this.release_now(&vid, allow).await }).await
+    }
+
+    /// The commit protocol. Runs inside an owned task: nothing here may rely on the caller.
+    async fn release_now(&self, id: &VolumeId, allow: bool) -> Result<Option<Released>, OpsError> {
+        let this = self.clone();
+        let vid = id.clone();
+        let prepared = blocking(move || {
+            let Some(record) = this.store.volume(&vid)? else { return Ok(None) };
+            // A layer is never made from an upper that is still writable through another mount
+            // (a target left behind by a force-deleted pod): refuse before touching anything.
+            let elsewhere = |mounts: Vec<PathBuf>| mounts.into_iter().find(|m| Some(m) != record.mount_path.as_ref());
+            if let Some(at) = elsewhere(this.mounts_of(&record)?) {
+                return Err(OpsError::StillMounted { volume: vid.clone(), at });
+            }
+            if let Some(path) = &record.mount_path {
+                unmount_patiently(this.mounter.as_ref(), path).map_err(|source| this.mount_err(&record, source))?;
+            }
+            if let Some(at) = this.mounts_of(&record)?.into_iter().next() {
+                return Err(OpsError::StillMounted { volume: vid.clone(), at });
+            }
+            let prepared = this.store.promote(&vid, allow)?;
+            if let Prepared::Nothing(_) = prepared {
+                this.store.drop_volume(&vid)?;
+            }
+            Ok(Some((record, prepared)))
+        })
+        .await?;
+        let Some((record, prepared)) = prepared else { return Ok(None) };
+        let promoted = match prepared {
+            Prepared::Nothing(why) => {
+                tracing::info!(outcome = ?why, "nothing to publish");
+                return Ok(Some(Released::NotPublished { why }));
+            }
+            Prepared::Decided(decision) => return self.settle(id, decision).await.map(Some),
+            Prepared::Publish(p) => p,
+        };
+        let this = self.clone();
+        let (rec, layer) = (record.clone(), promoted.layer.clone());
+        // A retry after the HEAD write (the lock's release failed, or a crash) is already done.
+        if let Some(done) = blocking(move || Ok(this.store.head_names(&rec, &layer)?)).await? {
+            return self.decide(&record, done, &promoted).await;
+        }
+        let started = std::time::Instant::now();
+        let guard = match self.lock.acquire(&record.cache, self.lock_timeout).await {
+            Ok(guard) => guard,
+            Err(source) => return self.give_up_or_retry(id, &promoted.layer, source).await,
+        };
+        let this = self.clone();
+        let rec = record.clone();
+        let pro = promoted.clone();
+        let held = guard.ensure_held().map_err(|source| OpsError::Lock { volume: id.clone(), source });
+        let advanced = match held {
+            Ok(()) => blocking(move || Ok(this.store.advance_head(&rec, &pro)?)).await,
+            Err(e) => Err(e),
+        };
+        // Released only now that the HEAD write it protects has finished (or failed).
+        let released = guard.release().await;
+        let advanced = advanced?;
+        if let Err(e) = released {
+            // HEAD is written; a Lease that could not be cleared expires by itself.
+            tracing::warn!(error = %e, "could not release the publish lock after the commit; it will expire");
+        }
+        tracing::info!(layer.id = %promoted.layer, locked_ms = started.elapsed().as_millis() as u64, outcome = ?advanced, "commit");
+        self.decide(&record, advanced, &promoted).await
+    }
+
+    /// Records the HEAD phase's outcome, then carries it out.
+    async fn decide(
+        &self,
+        record: &VolumeRecord,
+        advanced: Advanced,
+        promoted: &crate::store::commit::Promoted,
+    ) -> Result<Option<Released>, OpsError> {
+        let decision = match advanced {
+            Advanced::Committed { version, depth } => Decision::Committed { version, depth },
+            Advanced::Stale { base, current } => Decision::Stale { base, current },
+        };
+        let this = self.clone();
+        let (id, d) = (record.id.clone(), decision.clone());
+        blocking(move || {
+            this.store.decide(&id, d)?;
+            crate::failpoint::hit("commit.after-decision");
+            Ok(())
+        })
+        .await?;
+        let released = self.settle(&record.id, decision).await?;
+        if let Released::Committed { depth, .. } = &released {
+            self.background.after_commit(self, &record.cache, *depth);
+        }
+        Ok(Some(match released {
+            Released::Committed { version, depth, .. } => {
+                Released::Committed { version, depth, bytes: promoted.stats.bytes, files: promoted.stats.files }
+            }
+            other => other,
+        }))
+    }
+
+    /// Finishes a recorded decision (drops a dropped change's layer, then the volume).
+    async fn settle(&self, id: &VolumeId, decision: Decision) -> Result<Released, OpsError> {
+        let this = self.clone();
+        let vid = id.clone();
+        let pending = blocking(move || {
+            let record = this.store.volume(&vid)?;
+            let stats = match record.and_then(|r| r.pending) {
+                Some(layer) => this.store.layer(&layer)?.map(|l| (l.bytes, l.files)),
+                None => None,
+            };
+            this.store.settle(&vid)?;
+            Ok(stats)
+        })
+        .await?;
+        let (bytes, files) = pending.unwrap_or_default();
+        Ok(match decision {
+            Decision::Committed { version, depth } => Released::Committed { version, depth, bytes, files },
+            Decision::Stale { base, current } => Released::Stale { base, current },
+            Decision::Abandoned { why } => Released::NotPublished { why },
+        })
+    }
+
+    /// Past the publish deadline (counted from the layer's promotion) the change is dropped and the
+    /// release succeeds; before it, the caller is told to retry and the promoted layer is kept.
+    async fn give_up_or_retry(
+        &self,
+        id: &VolumeId,
+        layer: &crate::store::LayerId,
+        source: LockError,
+    ) -> Result<Option<Released>, OpsError> {
+        let retry = OpsError::Lock { volume: id.clone(), source };
+        let Some(deadline) = self.publish_deadline else { return Err(retry) };
+        let this = self.clone();
+        let (vid, layer) = (id.clone(), layer.clone());
+        let why = NotPublished::DeadlinePassed { after_secs: deadline.as_secs() };
+        let gave_up = blocking(move || {
+            let promoted = this.store.layer(&layer)?.map_or(0, |r| r.created_unix);
+            let age = crate::store::head::now_unix().saturating_sub(promoted);
+            if age < deadline.as_secs() {
+                return Err(retry);
+            }
+            tracing::warn!(layer.id = %layer, age_secs = age, "publish deadline passed; change dropped");
+            this.store.decide(&vid, Decision::Abandoned { why: why.clone() })?;
+            crate::failpoint::hit("commit.after-decision");
+            Ok(why)
+        })
+        .await?;
+        self.settle(id, Decision::Abandoned { why: gave_up }).await.map(Some)
+    }
+
+    /// The volume mounted at `path`.
+    pub async fn volume_at(&self, path: &Path) -> Result<Option<VolumeRecord>, OpsError> {
+        let this = self.clone();
+        let path = path.to_path_buf();
+        blocking(move || Ok(this.store.volume_at(&path)?)).await
+    }
+}
+
+impl Engine {
+    /// A volume's record; [`StoreError::VolumeNotFound`] when there is none.
+    pub async fn volume(&self, id: &VolumeId) -> Result<VolumeRecord, OpsError> {
+        let this = self.clone();
+        let id = id.clone();
+        blocking(move || this.existing(&id)).await
+    }
+
+    /// Bytes the state dir's filesystem holds: the most a volume could ever grow to.
+    pub async fn capacity_bytes(&self) -> Result<u64, OpsError> {
+        let root = self.store.layout().root().to_path_buf();
+        blocking(move || {
+            let fs = nix::sys::statvfs::statvfs(&root)
+                .map_err(|e| OpsError::Store(StoreError::io("statvfs", &root, e.into())))?;
+            Ok(fs.blocks() as u64 * fs.fragment_size() as u64)
+        })
+        .await
+    }
+
+    /// Whether the state dir can be written (a liveness probe).
+    pub async fn check_state_dir(&self) -> Result<(), OpsError> {
+        let tmp = self.store.layout().tmp_dir();
+        blocking(move || {
+            tempfile::tempfile_in(&tmp).map(drop).map_err(|e| OpsError::Store(StoreError::io("write in", &tmp, e)))
+        })
+        .await
+    }
+}

@@ -1,0 +1,224 @@
+//! Upkeep of the store that needs mounts or locks: squash (through a read-only overlay view the
+//! store never mounts itself), garbage collection with the reclaiming of dead volumes,
+//! eviction, cache removal, and the one background-squash mechanism the CLI and driver share.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use super::{blocking, Engine, OpsError};
+use crate::mount::{MountOptions, OverlaySpec, Unmounted};
+use crate::store::gc::GcReport;
+use crate::store::squash::{SquashOutcome, DEFAULT_MAX_DEPTH};
+use crate::store::tree::TreeStats;
+use crate::store::CacheKey;
+
+/// Where the squash of a cache that got too deep runs.
+#[derive(Debug, Clone, Default)]
+pub enum Background {
+    /// Never after a commit (an explicit `cache squash` still works).
+    #[default]
+    Off,
+    /// A task of this process (the driver, which keeps running).
+    InProcess,
+    /// A detached `PROGRAM ARGS… cache squash --namespace NS NAME` (the CLI, which exits);
+    /// `args` carry the store options (state dir, shared dir, lock timeout).
+    Detached { program: PathBuf, args: Vec<OsString> },
+}
+
+/// Starts at most one background squash per cache.
+#[derive(Clone)]
+pub(super) struct Squasher {
+    max_depth: usize,
+    how: Background,
+    busy: Arc<Mutex<HashSet<CacheKey>>>,
+}
+
+impl Default for Squasher {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_DEPTH, Background::Off)
+    }
+}
+
+impl Squasher {
+    pub(super) fn new(max_depth: usize, how: Background) -> Self {
+        Self { max_depth, how, busy: Arc::default() }
+    }
+
+    /// Called after a commit left `cache` `depth` layers deep.
+    pub(super) fn after_commit(&self, engine: &Engine, cache: &CacheKey, depth: usize) {
+        if depth <= self.max_depth {
+            return;
+        }
+        match &self.how {
+            Background::Off => {}
+            Background::Detached { program, args } => {
+                let spawned = std::process::Command::new(program)
+                    .args(args)
+                    .args(["cache", "squash", "--namespace", cache.namespace.as_str(), cache.name.as_str()])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn();
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "could not start background squash");
+                }
+            }
+            Background::InProcess => {
+                if !self.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(cache.clone()) {
+                    return;
+                }
+                let (engine, cache, busy, max_depth) =
+                    (engine.clone(), cache.clone(), self.busy.clone(), self.max_depth);
+                let span = tracing::info_span!("squash", cache.namespace = %cache.namespace, cache.name = %cache.name);
+                tokio::spawn(
+                    async move {
+                        match engine.squash(&cache, max_depth, Box::new(|_| {})).await {
+                            Ok(outcome) => tracing::info!(?outcome, "squash"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "squash failed; the cache stays deep until the next one")
+                            }
+                        }
+                        if let Err(e) = engine.collect(None, None).await {
+                            tracing::warn!(error = %e, "gc after squash failed");
+                        }
+                        busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&cache);
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Flattens a cache deeper than `max_depth` into one layer, then swaps it in under the lock.
+    pub async fn squash(
+        &self,
+        key: &CacheKey,
+        max_depth: usize,
+        progress: Box<dyn FnMut(&TreeStats) + Send>,
+    ) -> Result<SquashOutcome, OpsError> {
+        let this = self.clone();
+        let k = key.clone();
+        let mut progress = progress;
+        let built = blocking(move || {
+            let plan = match this.store.squash_plan(&k, max_depth)? {
+                Ok(plan) => plan,
+                Err(outcome) => return Ok(Err(outcome)),
+            };
+            let mount_err = |source| OpsError::SquashMount { cache: k.clone(), source };
+            let spec =
+                OverlaySpec { readonly: true, lower: plan.lower.clone(), upper: None, flags: MountOptions::NONE };
+            if let Err(e) = this.mounter.overlay(&spec, &plan.view) {
+                this.store.squash_abandon(plan, true);
+                return Err(mount_err(e));
+            }
+            let copied = this.store.squash_copy(&plan, &mut *progress);
+            let unmounted = this.mounter.unmount(&plan.view);
+            match (copied, unmounted) {
+                (Ok(stats), Ok(_)) => Ok(Ok(this.store.squash_record(plan, stats)?)),
+                (copied, unmounted) => {
+                    // With the view still mounted the scratch stays for gc, which unmounts first.
+                    this.store.squash_abandon(plan, unmounted.is_ok());
+                    Err(match (copied, unmounted) {
+                        (Err(e), _) => e.into(),
+                        (_, Err(e)) => mount_err(e),
+                        (Ok(_), Ok(_)) => unreachable!("handled above"),
+                    })
+                }
+            }
+        })
+        .await?;
+        let squashed = match built {
+            Ok(s) => s,
+            Err(outcome) => return Ok(outcome),
+        };
+        let lock_err = |source| OpsError::CacheLock { cache: key.clone(), source };
+        let guard = self.lock.acquire(key, self.lock_timeout).await.map_err(lock_err)?;
+        let this = self.clone();
+        let finished = match guard.ensure_held() {
+            Ok(()) => blocking(move || Ok(this.store.squash_finish(squashed)?)).await,
+            Err(e) => Err(lock_err(e)),
+        };
+        let _ = guard.release().await;
+        finished
+    }
+
+    /// Removes caches idle past `max_idle` or beyond `budget` bytes (least recently used first),
+    /// reclaims the volumes of dead `run` processes, then collects garbage.
+    pub async fn collect(
+        &self,
+        max_idle: Option<Duration>,
+        budget: Option<u64>,
+    ) -> Result<(Vec<CacheKey>, GcReport), OpsError> {
+        let this = self.clone();
+        let candidates =
+            blocking(move || Ok(this.store.eviction_candidates(max_idle.map(|d| d.as_secs()), budget)?)).await?;
+        let mut evicted = Vec::new();
+        for key in candidates {
+            // A cache being published right now is in use: leave it for the next run.
+            let Ok(guard) = self.lock.acquire(&key, Duration::from_millis(200)).await else { continue };
+            let this = self.clone();
+            let k = key.clone();
+            let removed = blocking(move || Ok(this.store.remove_cache(&k)?)).await;
+            let _ = guard.release().await;
+            if removed? {
+                evicted.push(key);
+            }
+        }
+        let this = self.clone();
+        let report = blocking(move || {
+            let (reclaimed, mut deferred) = this.reclaim_dead_volumes()?;
+            let mounter = this.mounter.clone();
+            let mut release =
+                |scratch: &Path| mounter.unmount(&scratch.join("view")).map(drop).map_err(|e| e.to_string());
+            let mut report = this.store.collect(&mut release, &mut |_| {})?;
+            report.volumes_reclaimed = reclaimed;
+            report.deferred.append(&mut deferred);
+            Ok(report)
+        })
+        .await?;
+        Ok((evicted, report))
+    }
+
+    /// Unmounts and drops the volumes whose `run` process is gone (the volume is not in use by
+    /// anything else: its owner held it).
+    fn reclaim_dead_volumes(&self) -> Result<(Vec<crate::store::VolumeId>, Vec<String>), OpsError> {
+        let (mut reclaimed, mut deferred) = (Vec::new(), Vec::new());
+        for record in self.store.dead_volumes()? {
+            // Another task of this process may be releasing it right now.
+            let Ok(_guard) = self.inflight.begin(record.id.as_str(), "reclaim") else { continue };
+            if let Some(path) = &record.mount_path {
+                match self.mounter.unmount(path) {
+                    Ok(Unmounted::Done | Unmounted::NotMounted) => {}
+                    Err(e) => {
+                        deferred.push(format!("volume {}: {e}", record.id));
+                        continue;
+                    }
+                }
+            }
+            self.store.drop_volume(&record.id)?;
+            reclaimed.push(record.id);
+        }
+        Ok((reclaimed, deferred))
+    }
+
+    /// Removes a cache's HEAD under its lock; its layers go at the next collection.
+    pub async fn remove_cache(&self, key: &CacheKey) -> Result<bool, OpsError> {
+        let guard = self
+            .lock
+            .acquire(key, self.lock_timeout)
+            .await
+            .map_err(|source| OpsError::CacheLock { cache: key.clone(), source })?;
+        let this = self.clone();
+        let k = key.clone();
+        let removed = blocking(move || Ok(this.store.remove_cache(&k)?)).await;
+        let _ = guard.release().await;
+        removed
+    }
+}
