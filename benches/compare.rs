@@ -1157,7 +1157,7 @@ fn split_release(sb: &Sandbox, cache: &CacheKey, id: &str, target: &Path) -> (Du
     let store = sb.store();
     let vid = VolumeId::new(id).expect("volume id");
     let record = store.volume(&vid).expect("read volume").expect("volume exists");
-    unmount_patiently(sb.engine.mounter(), target).or_die(|| format!("unmount {}", target.display()));
+    unmount_patiently(&jobcachefs::mount::SysMounter, target).or_die(|| format!("unmount {}", target.display()));
     let t = Instant::now();
     let Prepared::Publish(promoted) = store.promote(&vid, true).expect("promote") else {
         panic!("{id}: nothing to publish")
