@@ -10,6 +10,9 @@ mod inflight;
 mod node;
 mod upkeep;
 
+#[cfg(test)]
+mod tests;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
