@@ -562,7 +562,8 @@ async fn killed_in_commit(step: &str) {
     let sb = Sandbox::new();
     let scene = set_scene(&sb, false, true).await;
     // Before the HEAD write a crash leaves the old version; after it, the new one.
-    let want = if step == "commit.after-head" { 2 } else { 1 };
+    let done = ["commit.after-head", "commit.after-decision", "commit.settle-before-drop"];
+    let want = if done.contains(&step) { 2 } else { 1 };
 
     let (mut srv, mut c) = serve_crashing(&sb, "crash-delete", &[], step).await;
     assert_transport_error(&format!("{step}: DeleteVolume"), delete(&mut c, scene.a.id()).await);
@@ -606,6 +607,56 @@ commit_crash_tests! {
     commit_killed_after_layer_record => "commit.after-layer-record",
     commit_killed_before_head => "commit.before-head",
     commit_killed_after_head => "commit.after-head",
+    commit_killed_after_its_decision => "commit.after-decision",
+    commit_killed_before_dropping_the_volume => "commit.settle-before-drop",
+}
+
+/// A stale release killed after recording its decision: the retry finishes the same decision
+/// (drops the layer, then the volume) instead of failing on the upper that is gone.
+async fn stale_release_killed(step: &str) {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let scene = set_scene(&sb, false, true).await;
+    // Another job commits first, so a's base (v1) is stale.
+    let (srv, mut c) = serve(&sb, "newer", &[]).await;
+    let x = create(&mut c, &sb, "pvc-x", &[("cacheName", "pvc")]).await;
+    ok_twice!("stage x", stage(&mut c, &x));
+    ok_twice!("publish x", publish(&mut c, &x));
+    write(&x.target.join("x.txt"), "x");
+    ok_twice!("unpublish x", unpublish(&mut c, x.id(), &x.target));
+    ok_twice!("unstage x", unstage(&mut c, &x));
+    ok_twice!("delete x", delete(&mut c, x.id()));
+    srv.stop();
+    assert_eq!(version(&sb, "pvc"), 2);
+
+    let (mut srv, mut c) = serve_crashing(&sb, "crash-stale", &[], step).await;
+    assert_transport_error(&format!("{step}: stale DeleteVolume"), delete(&mut c, scene.a.id()).await);
+    srv.assert_killed(&format!("{step}: stale DeleteVolume"), Duration::from_secs(10)).await;
+    drop(srv);
+
+    let (srv, mut c) = serve(&sb, "restarted", &[]).await;
+    ok_twice!("stale DeleteVolume after the restart", delete(&mut c, scene.a.id()));
+    assert_eq!(version(&sb, "pvc"), 2, "{step}: a stale change never advances HEAD");
+    assert_collected(&sb, &srv, &format!("{step}: the stale layer is collected")).await;
+    let check = create(&mut c, &sb, "pvc-check", &[("cacheName", "pvc"), ("publish", "false")]).await;
+    ok_twice!("stage check", stage(&mut c, &check));
+    assert_eq!(read(&check.staging.join("x.txt")), "x", "{step}: the newer version is intact");
+    assert!(!check.staging.join("a.txt").exists(), "{step}: the stale change is not in the cache");
+    ok_twice!("unstage check", unstage(&mut c, &check));
+    ok_twice!("delete check", delete(&mut c, check.id()));
+    srv.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_release_killed_after_its_decision() {
+    stale_release_killed("commit.after-decision").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_release_killed_before_dropping_the_volume() {
+    stale_release_killed("commit.settle-before-drop").await;
 }
 
 // ---------------------------------------------------------------------------------------------
