@@ -231,3 +231,31 @@ fn corrupt_head_is_named_and_kept() {
     assert_eq!(fs::read_dir(sb.layout().layers_dir()).unwrap().count(), 2, "layer and record kept");
     assert!(sb.mounts().is_empty());
 }
+
+#[test]
+fn a_volume_from_before_cache_rm_never_publishes_onto_the_new_lifetime() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let run = |script: &str| sb.cli(&["run", "--cache", "life", "--no-maintenance", "--", "sh", "-c", script]);
+    assert!(run("echo old > $JOBCACHE_DIR/old").status.success());
+    let path = sb.dir.path().join("work/cache");
+    let p = path.to_str().unwrap();
+    let out = sb.cli(&["mount", "--cache", "life", p]);
+    assert!(stdout(&out).contains("restored default/life v1"), "{}", stdout(&out));
+
+    // The cache is removed while that job runs, and a new lifetime reaches v1 again.
+    let rm = sb.cli(&["cache", "rm", "life"]);
+    assert!(rm.status.success(), "{}", stderr(&rm));
+    let out = run("echo new > $JOBCACHE_DIR/new");
+    assert!(stderr(&out).contains("published v1"), "{}", stderr(&out));
+
+    // The old job started from the other lifetime's v1: same number, different lineage. Stale.
+    fs::write(path.join("late"), "late").unwrap();
+    let out = sb.cli(&["release", p]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("base 1 is from before the cache was removed"), "{}", stdout(&out));
+    let out = run("ls $JOBCACHE_DIR");
+    assert_eq!(stdout(&out), "new\n", "only the new lifetime's files: nothing of the old job stacked on it");
+}

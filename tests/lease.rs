@@ -158,7 +158,7 @@ fn two_nodes_publishing_from_one_base_advance_head_once() {
     });
     use jobcachefs::ops::Released;
     let committed = results.iter().filter(|r| matches!(r, Released::Committed { version: 1, .. })).count();
-    let stale = results.iter().filter(|r| matches!(r, Released::Stale { base: 0, current: 1 })).count();
+    let stale = results.iter().filter(|r| matches!(r, Released::Stale { base: 0, current: 1, .. })).count();
     assert_eq!((committed, stale), (1, 1), "{results:?}");
     assert_eq!(sb.store().head(&c).unwrap().unwrap().version, 1, "exactly one advance, no rollback");
 }

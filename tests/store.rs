@@ -154,7 +154,7 @@ fn two_volumes_from_one_base_first_wins_second_is_stale() {
     assert!(matches!(first, Released::Committed { version: 2, .. }), "{first:?}");
     let layers_before = layer_dirs(&sb);
     let second = rt.block_on(engine.release(&VolumeId::new("b").unwrap(), true)).unwrap().unwrap();
-    assert_eq!(second, Released::Stale { base: 1, current: 2 });
+    assert_eq!(second, Released::Stale { base: 1, current: 2, other_lifetime: false });
     assert_eq!(second.to_string(), "not published: skipped: base 1 is stale, current is 2");
     let head = sb.store().head(&c).unwrap().unwrap();
     assert_eq!(head.version, 2, "the stale volume did not roll HEAD back");
@@ -574,7 +574,7 @@ fn releases_of_one_cache_from_many_threads_advance_once_per_base() {
         out
     });
     let committed = results.iter().filter(|r| matches!(r, Released::Committed { .. })).count();
-    let stale = results.iter().filter(|r| matches!(r, Released::Stale { base: 0, current: 1 })).count();
+    let stale = results.iter().filter(|r| matches!(r, Released::Stale { base: 0, current: 1, .. })).count();
     assert_eq!((committed, stale), (1, n - 1), "{results:?}");
     assert_eq!(sb.store().head(&c).unwrap().unwrap().version, 1);
     assert_eq!(layer_dirs(&sb).len(), 1, "stale deltas dropped");

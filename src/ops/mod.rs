@@ -101,8 +101,14 @@ pub struct Restored {
 pub enum Released {
     /// HEAD advanced to `version`.
     Committed { version: u64, depth: usize, bytes: u64, files: u64 },
-    /// HEAD had moved past the volume's base; the delta was dropped.
-    Stale { base: u64, current: u64 },
+    /// HEAD had moved past the volume's base (or the cache began a new lifetime since); the
+    /// delta was dropped.
+    Stale {
+        base: u64,
+        current: u64,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        other_lifetime: bool,
+    },
     /// Nothing was published.
     NotPublished { why: NotPublished },
 }
@@ -113,9 +119,14 @@ impl std::fmt::Display for Released {
             Released::Committed { version, bytes, files, .. } => {
                 write!(f, "published v{version} ({}, {files} files)", bytesize::ByteSize(*bytes).display().iec())
             }
-            Released::Stale { base, current } => {
+            Released::Stale { base, current, other_lifetime: false } => {
                 write!(f, "not published: skipped: base {base} is stale, current is {current}")
             }
+            Released::Stale { base, current, other_lifetime: true } => write!(
+                f,
+                "not published: skipped: base {base} is from before the cache was removed; \
+                 current is {current} of its new lifetime"
+            ),
             Released::NotPublished { why: NotPublished::NotAllowed } => {
                 write!(f, "not published: publishing is not allowed for this volume")
             }
@@ -419,7 +430,7 @@ impl Engine {
     ) -> Result<Option<Released>, OpsError> {
         let decision = match advanced {
             Advanced::Committed { version, depth } => Decision::Committed { version, depth },
-            Advanced::Stale { base, current } => Decision::Stale { base, current },
+            Advanced::Stale { base, current, other_lifetime } => Decision::Stale { base, current, other_lifetime },
         };
         let this = self.clone();
         let (id, d) = (record.id.clone(), decision.clone());
@@ -458,7 +469,7 @@ impl Engine {
         let (bytes, files) = pending.unwrap_or_default();
         Ok(match decision {
             Decision::Committed { version, depth } => Released::Committed { version, depth, bytes, files },
-            Decision::Stale { base, current } => Released::Stale { base, current },
+            Decision::Stale { base, current, other_lifetime } => Released::Stale { base, current, other_lifetime },
             Decision::Abandoned { why } => Released::NotPublished { why },
         })
     }

@@ -282,12 +282,14 @@ async fn a_stale_decision_recorded_before_a_crash_is_finished_by_the_retry() {
     let store = b.engine.store();
     let Prepared::Publish(promoted) = store.promote(&vid("v2"), true).expect("promote") else { panic!("publish") };
     let record = store.volume(&vid("v2")).unwrap().unwrap();
-    let Advanced::Stale { base, current } = store.advance_head(&record, &promoted).unwrap() else { panic!("stale") };
-    store.decide(&vid("v2"), Decision::Stale { base, current }).expect("decide");
+    let Advanced::Stale { base, current, other_lifetime } = store.advance_head(&record, &promoted).unwrap() else {
+        panic!("stale")
+    };
+    store.decide(&vid("v2"), Decision::Stale { base, current, other_lifetime }).expect("decide");
     assert!(store.layout().layer_dir(&promoted.layer).exists(), "a stale result changes nothing by itself");
 
     let released = b.engine.release(&vid("v2"), true).await.expect("the retry resumes");
-    assert_eq!(released, Some(Released::Stale { base: 0, current: 1 }));
+    assert_eq!(released, Some(Released::Stale { base: 0, current: 1, other_lifetime: false }));
     assert!(!store.layout().layer_dir(&promoted.layer).exists(), "the stale layer is gone");
     assert!(store.volume(&vid("v2")).unwrap().is_none());
     assert_eq!(b.version(), 1);
@@ -345,5 +347,23 @@ async fn a_version_of_another_lifetime_is_stale() {
     assert_eq!(b.version(), 1, "numbering restarts after rm");
     b.job_writes("old", "stale");
     let released = b.engine.release(&vid("old"), true).await.unwrap();
-    assert_eq!(released, Some(Released::Stale { base: 1, current: 1 }), "same number, other lineage");
+    assert_eq!(
+        released,
+        Some(Released::Stale { base: 1, current: 1, other_lifetime: true }),
+        "same number, other lineage"
+    );
+
+    // onStale=stack puts a delta on a newer HEAD of the same lifetime, never on another one's.
+    let mut stacker = one("stacker");
+    stacker.policy.on_stale = crate::store::OnStale::Stack;
+    b.engine.restore(stacker).await.unwrap();
+    assert!(b.engine.remove_cache(&cache()).await.unwrap());
+    b.engine.restore(one("newer")).await.unwrap();
+    b.job_writes("newer", "third");
+    b.engine.release(&vid("newer"), true).await.unwrap();
+    b.job_writes("stacker", "poison");
+    let released = b.engine.release(&vid("stacker"), true).await.unwrap();
+    assert_eq!(released, Some(Released::Stale { base: 1, current: 1, other_lifetime: true }), "not stacked");
+    let head = b.engine.store().head(&cache()).unwrap().unwrap();
+    assert_eq!(head.layers.len(), 1, "the new lifetime holds only its own layer");
 }

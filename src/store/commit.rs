@@ -55,8 +55,9 @@ pub enum Prepared {
 pub enum Advanced {
     /// HEAD now points at `version`, `depth` layers deep.
     Committed { version: u64, depth: usize },
-    /// HEAD moved while the volume was in use; the delta was dropped.
-    Stale { base: u64, current: u64 },
+    /// HEAD moved while the volume was in use (or the cache was removed and began a new
+    /// lifetime: `other_lifetime`); the delta was dropped.
+    Stale { base: u64, current: u64, other_lifetime: bool },
 }
 
 impl Store {
@@ -224,6 +225,11 @@ impl Store {
         }
         let base = record.base.version;
         let current_lineage = current.as_ref().map_or("", |h| h.lineage.as_str());
+        // A version number of another lifetime of the cache (removed and begun again since) is
+        // no base at all: its change is never stacked onto unrelated content.
+        // A volume that began from no version at all has no lifetime to confuse.
+        let other_lifetime =
+            current.is_some() && !record.base.lineage.is_empty() && current_lineage != record.base.lineage;
         let same_base = current_version == base && current_lineage == record.base.lineage;
         let below: Vec<LayerId> = if same_base {
             match (&current, record.policy.fresh) {
@@ -233,10 +239,10 @@ impl Store {
                 // No version yet: what was restored (a fallback's layers, or nothing).
                 (None, false) => record.base.layers.clone(),
             }
-        } else if record.policy.on_stale == OnStale::Stack && !record.policy.fresh {
+        } else if record.policy.on_stale == OnStale::Stack && !record.policy.fresh && !other_lifetime {
             current.as_ref().map(|h| h.layers.clone()).unwrap_or_default()
         } else {
-            return Ok(Advanced::Stale { base, current: current_version });
+            return Ok(Advanced::Stale { base, current: current_version, other_lifetime });
         };
         let mut layers = below;
         layers.push(promoted.layer.clone());

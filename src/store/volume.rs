@@ -100,8 +100,14 @@ pub struct Base {
 pub enum Decision {
     /// HEAD names the pending layer at `version`.
     Committed { version: u64, depth: usize },
-    /// HEAD moved past the base; the pending layer is dropped.
-    Stale { base: u64, current: u64 },
+    /// HEAD moved past the base (or the cache was removed and began again since, when
+    /// `other_lifetime`); the pending layer is dropped.
+    Stale {
+        base: u64,
+        current: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        other_lifetime: bool,
+    },
     /// The change is dropped, and why.
     Abandoned { why: super::commit::NotPublished },
 }
