@@ -1334,6 +1334,89 @@ async fn a_path_holding_another_volume_is_refused() {
     assert!(sb.mounts().is_empty(), "{:?}", sb.mounts());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlays_are_nosuid_nodev_unless_the_class_opts_out() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let srv = Server::start(&sb, &[]).await;
+    let mut c = srv.connect().await;
+    let with_flags = |flags: &[&str]| {
+        let mut cap = writer();
+        if let Some(pb::volume_capability::AccessType::Mount(m)) = cap.access_type.as_mut() {
+            m.mount_flags = flags.iter().map(|f| f.to_string()).collect();
+        }
+        cap
+    };
+    let options = |path: &Path, what: &str| -> BTreeSet<String> {
+        assert_one_mount(path, what).mount_options.split(',').map(str::to_string).collect()
+    };
+    let has = |opts: &BTreeSet<String>, flag: &str| opts.contains(flag);
+
+    // The default: a cache written by one job and executed by the next gets no setuid or devices.
+    let a = ok("CreateVolume a", twice!(c.controller, create_volume, create_req("pvc-a", &[("cacheName", "x")])))
+        .volume
+        .expect("volume");
+    let (sa, ta) = (sb.dir.path().join("staging/a"), sb.dir.path().join("pods/a"));
+    ok("NodeStageVolume a", twice!(c.node, node_stage_volume, stage_req(&a, &sa)));
+    ok("NodePublishVolume a", twice!(c.node, node_publish_volume, publish_req(&a, &sa, &ta, false)));
+    for (path, what) in [(&sa, "staging"), (&ta, "target")] {
+        let opts = options(path, what);
+        assert!(has(&opts, "nosuid") && has(&opts, "nodev"), "{what} of a default volume: {opts:?}");
+    }
+    let t7 = sb.dir.path().join("pods/inline/volume");
+    ok(
+        "inline NodePublishVolume",
+        twice!(c.node, node_publish_volume, inline_req(&kubelet_id(7), &t7, "default", &[("cacheName", "y")])),
+    );
+    let opts = options(&t7, "inline target");
+    assert!(has(&opts, "nosuid") && has(&opts, "nodev"), "inline volume: {opts:?}");
+
+    // A StorageClass's mountOptions reach the driver as the capability's mount flags.
+    let b = ok("CreateVolume b", twice!(c.controller, create_volume, create_req("pvc-b", &[("cacheName", "x")])))
+        .volume
+        .expect("volume");
+    let (sbb, tb) = (sb.dir.path().join("staging/b"), sb.dir.path().join("pods/b"));
+    let mut stage_b = stage_req(&b, &sbb);
+    stage_b.volume_capability = Some(with_flags(&["suid", "dev", "noatime"]));
+    ok("NodeStageVolume b with suid,dev,noatime", twice!(c.node, node_stage_volume, stage_b.clone()));
+    let opts = options(&sbb, "staging of b");
+    assert!(!has(&opts, "nosuid") && !has(&opts, "nodev") && has(&opts, "noatime"), "opted out: {opts:?}");
+    let mut publish_b = publish_req(&b, &sbb, &tb, false);
+    publish_b.volume_capability = Some(with_flags(&["suid", "dev", "noatime"]));
+    ok("NodePublishVolume b", twice!(c.node, node_publish_volume, publish_b));
+    let opts = options(&tb, "target of b");
+    assert!(!has(&opts, "nosuid") && !has(&opts, "nodev"), "the pod sees the class's flags: {opts:?}");
+    // Staged with other flags than asked now: refused, not silently kept.
+    let r = twice!(c.node, node_stage_volume, stage_req(&b, &sbb));
+    expect_code("NodeStageVolume b again with the default flags", &r, Code::AlreadyExists, "nosuid");
+
+    // Anything off the allow-list is refused, naming the field and the flag, and mounts nothing.
+    let d = ok("CreateVolume d", twice!(c.controller, create_volume, create_req("pvc-d", &[("cacheName", "x")])))
+        .volume
+        .expect("volume");
+    let sd = sb.dir.path().join("staging/d");
+    for bad in ["sync", "rw,suid", "uid=0", "loop"] {
+        let mut req = stage_req(&d, &sd);
+        req.volume_capability = Some(with_flags(&["noatime", bad]));
+        let r = twice!(c.node, node_stage_volume, req);
+        expect_code(&format!("NodeStageVolume with mount flag {bad:?}"), &r, Code::InvalidArgument, "mount_flags");
+        expect_code(&format!("NodeStageVolume with mount flag {bad:?}"), &r, Code::InvalidArgument, bad);
+        assert!(mounts_at(&sd).is_empty(), "a refused flag mounts nothing");
+    }
+
+    ok("NodeUnpublishVolume a", twice!(c.node, node_unpublish_volume, unpublish_req(&a.volume_id, &ta)));
+    ok("NodeUnpublishVolume inline", twice!(c.node, node_unpublish_volume, unpublish_req(&kubelet_id(7), &t7)));
+    ok("NodeUnpublishVolume b", twice!(c.node, node_unpublish_volume, unpublish_req(&b.volume_id, &tb)));
+    ok("NodeUnstageVolume a", twice!(c.node, node_unstage_volume, unstage_req(&a, &sa)));
+    ok("NodeUnstageVolume b", twice!(c.node, node_unstage_volume, unstage_req(&b, &sbb)));
+    for v in [&a, &b, &d] {
+        ok("DeleteVolume", twice!(c.controller, delete_volume, delete_req(&v.volume_id)));
+    }
+    assert!(sb.mounts().is_empty(), "{:?}", sb.mounts());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Inline ephemeral volumes
 // ---------------------------------------------------------------------------------------------

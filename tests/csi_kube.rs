@@ -138,3 +138,108 @@ async fn lease_lock_guards_publishes_through_the_driver() {
     assert!(lease["spec"]["holderIdentity"].is_null(), "and released it: {lease}");
     assert_eq!(lease["metadata"]["labels"]["app.kubernetes.io/managed-by"], "jobcachefs");
 }
+
+/// A generic ephemeral volume's life (a PVC made from the pod's template) for pod ci/`pod`,
+/// with the pod info kubelet adds to NodePublish (`podInfoOnMount`); the job writes one file.
+async fn pvc_job(channel: &tonic::transport::Channel, sb: &Sandbox, name: &str, pod: &str, params: &[(&str, &str)]) {
+    let mut controller = pb::controller_client::ControllerClient::new(channel.clone());
+    let mut node = pb::node_client::NodeClient::new(channel.clone());
+    let mut parameters: HashMap<String, String> =
+        params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    parameters.insert("cacheName".into(), "gradle".into());
+    parameters.insert("csi.storage.k8s.io/pvc/namespace".into(), "ci".into());
+    let vol = controller
+        .create_volume(pb::CreateVolumeRequest {
+            name: name.into(),
+            volume_capabilities: vec![mount_cap()],
+            parameters,
+            ..Default::default()
+        })
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("volume");
+    let id = vol.volume_id.clone();
+    let staging = sb.dir.path().join(format!("plugins/staging/{name}"));
+    let target = sb.dir.path().join(format!("pods/{pod}/volumes/{name}"));
+    node.node_stage_volume(pb::NodeStageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(mount_cap()),
+        volume_context: vol.volume_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("NodeStageVolume");
+    let mut context = vol.volume_context.clone();
+    context.insert("csi.storage.k8s.io/pod.name".into(), pod.into());
+    context.insert("csi.storage.k8s.io/pod.namespace".into(), "ci".into());
+    context.insert("csi.storage.k8s.io/ephemeral".into(), "false".into());
+    node.node_publish_volume(pb::NodePublishVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(mount_cap()),
+        volume_context: context,
+        ..Default::default()
+    })
+    .await
+    .expect("NodePublishVolume");
+    std::fs::write(target.join(format!("{pod}.txt")), pod).expect("the job writes");
+    node.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: target.to_string_lossy().into(),
+    })
+    .await
+    .expect("NodeUnpublishVolume");
+    node.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+    })
+    .await
+    .expect("NodeUnstageVolume");
+    // The pod is gone by the time the PVC is deleted: its outcome was read at NodeUnpublish.
+    controller
+        .delete_volume(pb::DeleteVolumeRequest { volume_id: id, ..Default::default() })
+        .await
+        .expect("DeleteVolume");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pvc_publishes_only_if_its_pod_succeeded_by_default() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (api, url) = fake_api::start_http().await;
+    api.put_object("/api/v1/namespaces/ci/pods/failed", pod("Failed", Some(1)));
+    api.put_object("/api/v1/namespaces/ci/pods/passed", pod("Succeeded", Some(0)));
+    let kc = fake_api::kubeconfig(sb.dir.path(), &url);
+    let (_server, channel) = serve(&sb, &kc, &[]).await;
+    let store = sb.store();
+    let gradle = jobcachefs::store::CacheKey::new("ci", "gradle").unwrap();
+    let files = |store: &jobcachefs::store::Store| -> Vec<String> {
+        let head = store.head(&gradle).unwrap().expect("a version");
+        let mut names: Vec<String> = head
+            .layers
+            .iter()
+            .flat_map(|l| std::fs::read_dir(sb.layout().layer_dir(l)).unwrap())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+
+    pvc_job(&channel, &sb, "pvc-failed", "failed", &[]).await;
+    assert_eq!(version(&sb, "ci", "gradle"), 0, "a Job that exits 1 publishes nothing (on-success by default)");
+    pvc_job(&channel, &sb, "pvc-unknown", "vanished", &[]).await;
+    assert_eq!(version(&sb, "ci", "gradle"), 0, "no answer from the API: no publish");
+    pvc_job(&channel, &sb, "pvc-passed", "passed", &[]).await;
+    assert_eq!(version(&sb, "ci", "gradle"), 1, "a pod that succeeded publishes");
+    assert_eq!(files(&store), ["passed.txt"]);
+    // A class that wants every outcome says so.
+    pvc_job(&channel, &sb, "pvc-always", "failed", &[("publishWhen", "always")]).await;
+    assert_eq!(version(&sb, "ci", "gradle"), 2, "publishWhen=always publishes a failed pod's change");
+    assert_eq!(files(&store), ["failed.txt", "passed.txt"]);
+}
