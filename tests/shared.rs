@@ -126,3 +126,46 @@ async fn two_nodes_exchange_versions_through_a_shared_store() {
     drop((server_a, server_b));
     let _ = SysMounter.unmount(&shared);
 }
+
+#[test]
+fn eviction_on_one_node_keeps_a_cache_another_node_has_mounted() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let shared = sb.path("shared");
+    nix::mount::mount(Some("tmpfs"), &shared, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=64m"))
+        .expect("mount tmpfs as the shared filesystem");
+    let (a_state, b_state) = (sb.dir.path().join("node-a"), sb.dir.path().join("node-b"));
+    let cli = |state: &Path, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_jobcachefs"))
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--shared-dir", shared.to_str().unwrap()])
+            .args(args)
+            .output()
+            .expect("run cli");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let run = ["run", "--cache", "npm", "--namespace", "ci", "--no-maintenance", "--", "sh", "-c"];
+    cli(&a_state, &[&run[..], &["echo 1 > $JOBCACHE_DIR/one"]].concat());
+    assert_eq!(version(&shared, &a_state), 1);
+
+    // Node B has the cache mounted; node A's eviction, over any budget, must see B's pin.
+    let mounted = sb.path("b-job");
+    cli(&b_state, &["mount", "--cache", "npm", "--namespace", "ci", mounted.to_str().unwrap()]);
+    let gc: serde_json::Value = serde_json::from_str(&cli(&a_state, &["cache", "gc", "--budget", "1B", "--json"]))
+        .expect("gc report");
+    assert_eq!(gc["evicted"], serde_json::json!([]), "a cache in use on another node is kept: {gc}");
+    assert_eq!(version(&shared, &a_state), 1);
+    assert_eq!(fs::read_to_string(mounted.join("one")).unwrap(), "1\n", "B's volume still reads its layers");
+
+    // Once B lets it go, A may evict it.
+    cli(&b_state, &["release", "--no-publish", mounted.to_str().unwrap()]);
+    let gc: serde_json::Value = serde_json::from_str(&cli(&a_state, &["cache", "gc", "--budget", "1B", "--json"]))
+        .expect("gc report");
+    assert_eq!(gc["evicted"].as_array().map(Vec::len), Some(1), "{gc}");
+    assert_eq!(version(&shared, &a_state), 0);
+    let _ = SysMounter.unmount(&shared);
+}
