@@ -834,6 +834,7 @@ fn new_volume(id: &str, cache: &CacheKey, target: &Path) -> NewVolume {
         owner: None,
         request: None,
         flags: jobcachefs::mount::MountOptions::default(),
+        root: Default::default(),
     }
 }
 

@@ -55,6 +55,7 @@ fn main() {
                 owner: None,
                 request: None,
                 flags: jobcachefs::mount::MountOptions::default(),
+                root: Default::default(),
             }
         };
         let publish = Policy { publish: true, ..Policy::default() };

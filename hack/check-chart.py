@@ -262,7 +262,7 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
         r.equal(spec.get("podInfoOnMount"), True, f"{t} CSIDriver podInfoOnMount is true")
         r.equal(spec.get("volumeLifecycleModes"), ["Persistent", "Ephemeral"],
                 f"{t} CSIDriver volumeLifecycleModes are Persistent and Ephemeral")
-        r.equal(spec.get("fsGroupPolicy"), "None", f"{t} CSIDriver fsGroupPolicy is None")
+        r.equal(spec.get("fsGroupPolicy"), "File", f"{t} CSIDriver fsGroupPolicy is File (the driver applies fsGroup)")
 
     # DaemonSet.
     ds = by_kind(docs, "DaemonSet").get(f"{fullname}-node")
@@ -479,7 +479,7 @@ TEST_WANT = {
 def check_examples(r: Report) -> None:
     files = sorted(EXAMPLES.glob("*.yaml"))
     want = {"maven-job.yaml", "pr-job-readonly.yaml", "pr-job-fallback.yaml",
-            "inline-ephemeral.yaml", "restrict-publishing.yaml"}
+            "inline-ephemeral.yaml", "restrict-publishing.yaml", "restricted-job.yaml"}
     r.check(want <= {f.name for f in files}, "[examples] every example is there", sorted(f.name for f in files))
     classes = {"jobcache": {"publish": "true"}, "jobcache-readonly": {"publish": "false"}}
     docs_by_file = {}
@@ -537,6 +537,25 @@ def check_examples(r: Report) -> None:
     r.check(fb is not None and fb[1] == "maven-pr-123"
             and classes.get(fb[0], {}).get("fallbackCaches") == "maven-main",
             "[examples] pr-job-fallback.yaml: maven-pr-123 through a class with fallbackCaches maven-main", fb)
+    restricted = docs_by_file.get("restricted-job.yaml", [])
+    namespaces = [d for d in restricted if d["kind"] == "Namespace"]
+    r.check(bool(namespaces) and all(d["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce")
+                                     == "restricted" for d in namespaces),
+            "[examples] restricted-job.yaml: its namespace enforces the restricted Pod Security Standard")
+    for d in restricted:
+        spec = pod_spec(d)
+        if spec is None:
+            continue
+        sc = spec.get("securityContext", {})
+        ok = (sc.get("runAsNonRoot") is True and isinstance(sc.get("runAsUser"), int) and sc["runAsUser"] > 0
+              and sc.get("seccompProfile", {}).get("type") == "RuntimeDefault"
+              and all(c.get("securityContext", {}).get("allowPrivilegeEscalation") is False
+                      and c["securityContext"].get("capabilities", {}).get("drop") == ["ALL"]
+                      for c in spec["containers"]))
+        r.check(ok, f"[examples] restricted-job.yaml: {d['metadata']['name']} meets the restricted standard", sc)
+        inline = [v["csi"]["volumeAttributes"] for v in spec.get("volumes", []) if "csi" in v]
+        r.check("fsGroup" in sc or any("uid" in a and "gid" in a for a in inline),
+                f"[examples] restricted-job.yaml: {d['metadata']['name']} gets a writable cache (fsGroup or uid/gid)")
     quotas = [d for d in docs_by_file.get("restrict-publishing.yaml", []) if d["kind"] == "ResourceQuota"]
     hard = [q["spec"]["hard"] for q in quotas]
     r.check(bool(hard) and all(str(h.get("jobcache.storageclass.storage.k8s.io/requests.storage")) == "0"

@@ -14,7 +14,7 @@ use crate::mount::{probe, SysMounter};
 use crate::ops::{Engine, Released, Restored};
 use crate::store::commit::NotPublished;
 use crate::store::squash::DEFAULT_MAX_DEPTH;
-use crate::store::{atomic, CacheKey, LayerId, Layout, NewVolume, OnStale, Owner, Policy, Store, VolumeId};
+use crate::store::{atomic, CacheKey, LayerId, Layout, NewVolume, OnStale, Owner, Policy, RootSpec, Store, VolumeId};
 
 /// A persistent, copy-on-write build cache mounted with overlayfs.
 #[derive(Debug, Parser)]
@@ -128,6 +128,20 @@ pub struct VolumeArgs {
     /// Do not publish a change bigger than this (e.g. 500MiB).
     #[arg(long, value_parser = parse_size)]
     pub max_bytes: Option<u64>,
+    /// Give the cache's root directory to this user and group (UID:GID) before the job sees it.
+    #[arg(long, value_parser = parse_ids)]
+    pub owner: Option<(u32, u32)>,
+    /// Permission bits of the cache's root directory, in octal (e.g. 0775).
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<u32>,
+}
+
+impl VolumeArgs {
+    /// The root's owner and mode; `user` (run --user) owns it unless --owner says otherwise.
+    fn root(&self, user: Option<(u32, u32)>) -> RootSpec {
+        let owner = self.owner.or(user);
+        RootSpec { uid: owner.map(|o| o.0), gid: owner.map(|o| o.1), mode: self.mode }
+    }
 }
 
 /// `jobcachefs run`.
@@ -141,6 +155,10 @@ pub struct RunArgs {
     /// Do not start a background squash when the cache gets deep.
     #[arg(long)]
     pub no_maintenance: bool,
+    /// Run the command as this user and group (UID:GID), with no supplementary groups; the
+    /// cache's root is theirs too unless --owner says otherwise.
+    #[arg(long, value_parser = parse_ids)]
+    pub user: Option<(u32, u32)>,
     /// The command and its arguments; it finds the cache in $JOBCACHE_DIR.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -221,6 +239,26 @@ pub struct SquashArgs {
     /// Squash only when deeper than this many layers.
     #[arg(long, default_value_t = DEFAULT_MAX_DEPTH)]
     pub max_depth: usize,
+}
+
+/// `UID:GID`, both decimal; `4294967295` is chown's "no change", never an id.
+fn parse_ids(s: &str) -> Result<(u32, u32), String> {
+    let rule = || format!("{s:?} must be UID:GID, two decimal ids from 0 to 4294967294 (e.g. 1000:1000)");
+    let (uid, gid) = s.split_once(':').ok_or_else(rule)?;
+    let id = |v: &str| match v.parse::<u32>() {
+        Ok(n) if n != u32::MAX && !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
+        _ => Err(rule()),
+    };
+    Ok((id(uid)?, id(gid)?))
+}
+
+/// Octal permission bits, at most 07777.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o7777 && !digits.is_empty() && digits.len() <= 5 => Ok(m),
+        _ => Err(format!("{s:?} must be octal permission bits such as 0775 (at most 07777)")),
+    }
 }
 
 fn parse_on_stale(s: &str) -> Result<OnStale, String> {
@@ -469,6 +507,7 @@ async fn run_command(engine: Engine, args: RunArgs) -> Result<ExitCode, CliError
         owner: Owner::current(),
         request: None,
         flags: crate::mount::MountOptions::default(),
+        root: args.volume.root(args.user),
     };
     let restored = match engine.restore(req).await {
         Ok(r) => r,
@@ -477,7 +516,7 @@ async fn run_command(engine: Engine, args: RunArgs) -> Result<ExitCode, CliError
             return Err(e.into());
         }
     };
-    let status = run_child(&args.command, &target).await;
+    let status = run_child(&args.command, &target, args.user).await;
     let (code, failed) = match &status {
         Ok(code) => (*code, (*code != 0).then_some(*code)),
         Err(e) => {
@@ -499,14 +538,20 @@ async fn run_command(engine: Engine, args: RunArgs) -> Result<ExitCode, CliError
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
-/// Runs the job with the cache in $JOBCACHE_DIR; returns its exit code (128+N for signal N).
-async fn run_child(command: &[String], dir: &Path) -> Result<i32, CliError> {
+/// Runs the job with the cache in $JOBCACHE_DIR, as `user` when given (root is dropped before
+/// exec: supplementary groups cleared, then gid, then uid); returns its exit code (128+N for
+/// signal N).
+async fn run_child(command: &[String], dir: &Path, user: Option<(u32, u32)>) -> Result<i32, CliError> {
     use std::os::unix::process::ExitStatusExt;
     use tokio::signal::unix::{signal, SignalKind};
     let (program, rest) = command.split_first().ok_or_else(|| CliError::Usage("no command given after --".into()))?;
-    let mut child = tokio::process::Command::new(program)
-        .args(rest)
-        .env("JOBCACHE_DIR", dir)
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(rest).env("JOBCACHE_DIR", dir);
+    if let Some((uid, gid)) = user {
+        // std clears the supplementary groups itself when it changes the uid as root.
+        cmd.uid(uid).gid(gid);
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|source| CliError::Io { op: "start command", path: PathBuf::from(program), source })?;
     let io_err = |source| CliError::Io { op: "wait for", path: PathBuf::from(program), source };
@@ -556,6 +601,7 @@ async fn mount_command(engine: Engine, args: MountArgs) -> Result<ExitCode, CliE
         owner: None,
         request: None,
         flags: crate::mount::MountOptions::default(),
+        root: args.volume.root(None),
     };
     let restored = engine.restore(req).await?;
     println!("jobcachefs: {} at {}", describe_restore(&restored), path.display());

@@ -85,6 +85,7 @@ impl Controller for ControllerService {
                     pod: None,
                 }),
                 flags: crate::mount::MountOptions::default(),
+                root: params.root,
             };
             let record = driver.engine.create(new).await?;
             tracing::info!(volume.id = %id, cache.namespace = %record.cache.namespace, cache.name = %record.cache.name,

@@ -49,6 +49,24 @@ fn mount_flags(cap: &pb::VolumeCapability, field: &str) -> Result<MountOptions, 
     })
 }
 
+/// The pod's fsGroup, which kubelet passes because we advertise VOLUME_MOUNT_GROUP.
+fn mount_group(cap: &pb::VolumeCapability, field: &str) -> Result<Option<u32>, CsiError> {
+    let group = match &cap.access_type {
+        Some(pb::volume_capability::AccessType::Mount(m)) => m.volume_mount_group.as_str(),
+        _ => "",
+    };
+    if group.is_empty() {
+        return Ok(None);
+    }
+    match group.parse::<u32>() {
+        Ok(gid) if gid != u32::MAX && group.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(gid)),
+        _ => Err(CsiError::Invalid {
+            field: format!("{field}.mount.volume_mount_group"),
+            rule: "must be a decimal group id from 0 to 4294967294".into(),
+        }),
+    }
+}
+
 #[tonic::async_trait]
 impl Node for NodeService {
     async fn node_stage_volume(
@@ -63,8 +81,9 @@ impl Node for NodeService {
             let cap = req.volume_capability.ok_or(CsiError::Missing("volume_capability"))?;
             check_capabilities(std::slice::from_ref(&cap), "volume_capability")?;
             let flags = mount_flags(&cap, "volume_capability")?;
+            let group = mount_group(&cap, "volume_capability")?;
             let id = known_id(&req.volume_id)?;
-            driver.engine.stage(&id, &staging, flags).await?;
+            driver.engine.stage(&id, &staging, flags, group).await?;
             Ok(pb::NodeStageVolumeResponse {})
         })
         .await
@@ -99,6 +118,7 @@ impl Node for NodeService {
             let cap = req.volume_capability.ok_or(CsiError::Missing("volume_capability"))?;
             check_capabilities(std::slice::from_ref(&cap), "volume_capability")?;
             let flags = mount_flags(&cap, "volume_capability")?;
+            let group = mount_group(&cap, "volume_capability")?;
             let readonly = req.readonly || read_only_mode(&cap);
             let pod = pod_of(&req.volume_context);
             if req.volume_context.get(EPHEMERAL_KEY).is_some_and(|v| v == "true") {
@@ -127,13 +147,14 @@ impl Node for NodeService {
                         pod: pod.clone(),
                     }),
                     flags,
+                    root: params.root,
                 };
-                driver.engine.publish_inline(new, pod).await?;
+                driver.engine.publish_inline(new, pod, group).await?;
                 return Ok(pb::NodePublishVolumeResponse {});
             }
             let staging = driver.check_path(&req.staging_target_path, "staging_target_path")?;
             let id = known_id(id)?;
-            driver.engine.publish(&id, &staging, &target, readonly, pod).await?;
+            driver.engine.publish(&id, &staging, &target, readonly, pod, group).await?;
             Ok(pb::NodePublishVolumeResponse {})
         })
         .await
@@ -199,7 +220,9 @@ impl Node for NodeService {
         _request: Request<pb::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<pb::NodeGetCapabilitiesResponse>, Status> {
         use node_service_capability::{rpc::Type, Rpc, Type as Cap};
-        let capabilities = [Type::StageUnstageVolume, Type::GetVolumeStats]
+        // VOLUME_MOUNT_GROUP: kubelet hands the pod's fsGroup to us instead of walking the
+        // whole cache to chown it, which would copy every lower file up into the volume.
+        let capabilities = [Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeMountGroup]
             .into_iter()
             .map(|t| pb::NodeServiceCapability { r#type: Some(Cap::Rpc(Rpc { r#type: t as i32 })) })
             .collect();

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::store::{CacheKey, Name, OnStale, Policy, PublishWhen};
+use crate::store::{CacheKey, Name, OnStale, Policy, PublishWhen, RootSpec};
 
 use super::status::CsiError;
 
@@ -12,8 +12,20 @@ pub const METADATA_PREFIX: &str = "csi.storage.k8s.io/";
 pub const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
 const PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
 const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
-const KEYS: &[&str] =
-    &["cacheName", "publish", "publishWhen", "ignoreCache", "onStale", "fallbackCaches", "maxBytes", "namespace"];
+const KEYS: &[&str] = &[
+    "cacheName",
+    "publish",
+    "publishWhen",
+    "ignoreCache",
+    "onStale",
+    "fallbackCaches",
+    "maxBytes",
+    "namespace",
+    "uid",
+    "gid",
+    "mode",
+    "worldWritable",
+];
 
 /// Where a volume comes from, which decides who owns its publish right.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,12 +47,49 @@ pub struct VolumeParams {
     pub fallbacks: Vec<CacheKey>,
     /// When to publish.
     pub publish_when: PublishWhen,
+    /// Owner and mode of the volume's root.
+    pub root: RootSpec,
     /// Our parameters as given, for idempotency checks and the volume context.
     pub given: BTreeMap<String, String>,
 }
 
 fn invalid(key: &str, rule: &str) -> CsiError {
     CsiError::Invalid { field: format!("parameter {key}"), rule: rule.to_string() }
+}
+
+/// A user or group id: `u32::MAX` is chown's "leave unchanged", never an owner.
+fn parse_id(map: &HashMap<String, String>, key: &str) -> Result<Option<u32>, CsiError> {
+    let Some(v) = map.get(key) else { return Ok(None) };
+    match v.parse::<u32>() {
+        Ok(id) if id != u32::MAX && v.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(id)),
+        _ => Err(invalid(key, "must be a decimal id from 0 to 4294967294")),
+    }
+}
+
+/// The root's owner and mode. A world-writable mode lets any user of the node's pods plant
+/// files the next job trusts, so only a StorageClass may allow it, and only by saying so.
+fn parse_root(map: &HashMap<String, String>, kind: Kind) -> Result<RootSpec, CsiError> {
+    let mode = match map.get("mode") {
+        None => None,
+        Some(v) => {
+            let digits = v.strip_prefix("0o").unwrap_or(v);
+            match u32::from_str_radix(digits, 8) {
+                Ok(m) if m <= 0o7777 && !digits.is_empty() && digits.len() <= 5 => Some(m),
+                _ => return Err(invalid("mode", "must be octal permission bits such as 0775 (at most 07777)")),
+            }
+        }
+    };
+    let world_writable = parse_bool(map, "worldWritable")?;
+    if world_writable.is_some() && kind == Kind::Ephemeral {
+        return Err(invalid("worldWritable", "only a StorageClass may allow a world-writable mode"));
+    }
+    if mode.is_some_and(|m| m & 0o002 != 0) && world_writable != Some(true) {
+        return Err(invalid(
+            "mode",
+            "must not be world-writable (o+w) unless the StorageClass also sets worldWritable: \"true\"",
+        ));
+    }
+    Ok(RootSpec { uid: parse_id(map, "uid")?, gid: parse_id(map, "gid")?, mode })
 }
 
 fn parse_bool(map: &HashMap<String, String>, key: &str) -> Result<Option<bool>, CsiError> {
@@ -120,8 +169,9 @@ impl VolumeParams {
         }
         let given =
             map.iter().filter(|(k, _)| !k.starts_with(METADATA_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let root = parse_root(map, kind)?;
         let policy = Policy { publish, fresh, on_stale, max_bytes, read_only: false, publish_when };
-        Ok(Self { cache, policy, fallbacks, publish_when, given })
+        Ok(Self { cache, policy, fallbacks, publish_when, root, given })
     }
 
     /// What CreateVolume returns as the volume context.
@@ -170,6 +220,49 @@ mod tests {
                 (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{pairs:?}: {e}"),
                 (got, want) => panic!("{pairs:?}: got {got:?}, want {want:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn owner_parameters() {
+        let none = HashSet::new();
+        let root = |pairs: &[(&str, &str)], kind| {
+            let mut m = map(pairs);
+            m.insert("cacheName".into(), "m2".into());
+            VolumeParams::parse(&m, kind, &none).map(|p| p.root).map_err(|e| e.to_string())
+        };
+        let spec = |uid, gid, mode| RootSpec { uid, gid, mode };
+        let ok: &[(&[(&str, &str)], RootSpec)] = &[
+            (&[], spec(None, None, None)),
+            (&[("uid", "1000"), ("gid", "1001")], spec(Some(1000), Some(1001), None)),
+            (&[("uid", "0"), ("mode", "0775")], spec(Some(0), None, Some(0o775))),
+            (&[("mode", "2770")], spec(None, None, Some(0o2770))),
+            (&[("mode", "0o750")], spec(None, None, Some(0o750))),
+            (&[("mode", "0777"), ("worldWritable", "true")], spec(None, None, Some(0o777))),
+            (&[("uid", "4294967294")], spec(Some(u32::MAX - 1), None, None)),
+        ];
+        for (pairs, want) in ok {
+            assert_eq!(root(pairs, Kind::Persistent).as_ref(), Ok(want), "{pairs:?}");
+        }
+        type Bad<'a> = (&'a [(&'a str, &'a str)], Kind, &'a str);
+        let bad: &[Bad] = &[
+            (&[("uid", "-1")], Kind::Persistent, "parameter uid is invalid: must be a decimal id"),
+            (&[("uid", "4294967295")], Kind::Persistent, "parameter uid"),
+            (&[("gid", "1e3")], Kind::Persistent, "parameter gid"),
+            (&[("gid", "+5")], Kind::Persistent, "parameter gid"),
+            (&[("uid", "")], Kind::Persistent, "parameter uid"),
+            (&[("mode", "0778")], Kind::Persistent, "parameter mode is invalid: must be octal"),
+            (&[("mode", "17777")], Kind::Persistent, "parameter mode"),
+            (&[("mode", "")], Kind::Persistent, "parameter mode"),
+            (&[("mode", "rwx")], Kind::Persistent, "parameter mode"),
+            (&[("mode", "0777")], Kind::Persistent, "must not be world-writable"),
+            (&[("mode", "0666"), ("worldWritable", "false")], Kind::Persistent, "must not be world-writable"),
+            (&[("mode", "0777"), ("worldWritable", "true")], Kind::Ephemeral, "parameter worldWritable"),
+            (&[("worldWritable", "yes")], Kind::Persistent, "parameter worldWritable"),
+        ];
+        for (pairs, kind, want) in bad {
+            let err = root(pairs, *kind).expect_err("refused");
+            assert!(err.contains(want), "{pairs:?}: {err}");
         }
     }
 

@@ -91,7 +91,8 @@ fn ops_code(e: &OpsError) -> Code {
         OpsError::ForeignMount { .. }
         | OpsError::StagedElsewhere { .. }
         | OpsError::MountedOtherwise { .. }
-        | OpsError::FlagsDiffer { .. } => Code::AlreadyExists,
+        | OpsError::FlagsDiffer { .. }
+        | OpsError::GroupDiffers { .. } => Code::AlreadyExists,
         OpsError::NoMountPath(_) => Code::InvalidArgument,
         OpsError::InFlight { .. } => Code::Aborted,
         // The caller must first take down what it left mounted (or stage before publishing).
@@ -198,6 +199,7 @@ mod tests {
                 OpsError::FlagsDiffer { volume: vol(), mounted: "rw".into(), asked: "nosuid".into() }.into(),
                 Code::AlreadyExists,
             ),
+            (OpsError::GroupDiffers { volume: vol(), has: 1000, asked: 2000 }.into(), Code::AlreadyExists),
             (OpsError::StillMounted { volume: vol(), at: p() }.into(), Code::FailedPrecondition),
             (OpsError::NotStaged { volume: vol(), staging: p() }.into(), Code::FailedPrecondition),
             (OpsError::NotMountedAt { volume: vol(), path: p() }.into(), Code::NotFound),

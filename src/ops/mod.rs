@@ -73,6 +73,12 @@ pub enum OpsError {
     /// A volume was asked to mount with flags other than its overlay has.
     #[error("volume {volume} is mounted with flags [{mounted}], not [{asked}]; unstage it first")]
     FlagsDiffer { volume: VolumeId, mounted: String, asked: String },
+    /// The volume's root already belongs to another pod's fsGroup.
+    #[error(
+        "volume {volume}'s root belongs to group {has} (the fsGroup it is mounted with), not {asked}; \
+         unpublish it from the pods using it first"
+    )]
+    GroupDiffers { volume: VolumeId, has: u32, asked: u32 },
     /// A directory operation of the lifecycle (mount points) failed.
     #[error("volume {volume}: {op} {path}: {source}")]
     Io { volume: VolumeId, op: &'static str, path: PathBuf, source: std::io::Error },
@@ -256,13 +262,25 @@ impl Engine {
     pub async fn restore(&self, req: NewVolume) -> Result<Restored, OpsError> {
         let this = self.clone();
         let id = req.id.clone();
-        self.owned(id.as_str(), "restore", async move { blocking(move || this.restore_now(req)).await }).await
+        self.owned(id.as_str(), "restore", async move { blocking(move || this.restore_now(req, None)).await }).await
     }
 
-    fn restore_now(&self, req: NewVolume) -> Result<Restored, OpsError> {
+    /// Creates the volume if needed, gives its root to `group` (before anything mounts it, or
+    /// again on a repeat), and mounts it at the request's mount path.
+    fn restore_now(&self, req: NewVolume, group: Option<u32>) -> Result<Restored, OpsError> {
         let target = req.mount_path.clone().ok_or_else(|| OpsError::NoMountPath(req.id.clone()))?;
         let existed = self.store.volume(&req.id)?.is_some();
         let record = self.store.create_volume(&req)?;
+        let mounted = existed && self.is_mounted_at(&record, &target)?;
+        let record = match self.apply_group(record, group, mounted) {
+            Ok(record) => record,
+            Err(err) => {
+                if !existed {
+                    self.store.drop_volume(&req.id)?;
+                }
+                return Err(err);
+            }
+        };
         if let Err(err) = self.mount_volume(&record, &target) {
             if !existed {
                 // Nothing of ours is mounted: the new volume would only pin layers forever.
@@ -337,6 +355,19 @@ impl Engine {
             return Err(OpsError::StagedElsewhere { volume: record.id.clone(), at });
         }
         self.mounter.overlay(&self.overlay_spec(record), target).map_err(|source| self.mount_err(record, source))
+    }
+
+    /// Gives the volume's root to a pod's fsGroup (`volume_mount_group`), unless it has that
+    /// group already. While another pod may be using the root (`in_use`), a different group
+    /// is refused: the root is one directory, and taking it from that pod's group would take
+    /// away its write access.
+    fn apply_group(&self, record: VolumeRecord, group: Option<u32>, in_use: bool) -> Result<VolumeRecord, OpsError> {
+        let Some(asked) = group else { return Ok(record) };
+        match record.mount_group {
+            Some(has) if has == asked => Ok(record),
+            Some(has) if in_use => Err(OpsError::GroupDiffers { volume: record.id.clone(), has, asked }),
+            _ => Ok(self.store.set_mount_group(&record.id, asked)?),
+        }
     }
 
     fn overlay_spec(&self, record: &VolumeRecord) -> OverlaySpec {

@@ -58,22 +58,31 @@ impl Engine {
 
     /// Mounts an existing volume's overlay at `staging` (again, after a reboot); a repeat is a
     /// no-op. Refused while the volume is mounted at another staging path.
-    pub async fn stage(&self, id: &VolumeId, staging: &Path, flags: MountOptions) -> Result<VolumeRecord, OpsError> {
+    /// With `group` (a pod's fsGroup), the volume's root is given to that group first.
+    pub async fn stage(
+        &self,
+        id: &VolumeId,
+        staging: &Path,
+        flags: MountOptions,
+        group: Option<u32>,
+    ) -> Result<VolumeRecord, OpsError> {
         let this = self.clone();
         let (id, staging) = (id.clone(), staging.to_path_buf());
         let key = id.to_string();
         self.owned(&key, "stage", async move {
             blocking(move || {
                 let record = this.existing(&id)?;
+                let mounted = this.is_mounted_at(&record, &staging)?;
                 // Mounted anywhere but here (staged elsewhere, or a bind left behind): a second
                 // overlay on the same upper would corrupt it.
-                if !this.is_mounted_at(&record, &staging)? {
+                if !mounted {
                     let at = this.mounts_of(&record)?.into_iter().next();
                     if let Some(at) = record.mount_path.clone().filter(|p| Some(p) == at.as_ref()).or(at) {
                         return Err(OpsError::StagedElsewhere { volume: id.clone(), at });
                     }
                 }
                 create_dir(&id, &staging)?;
+                this.apply_group(record, group, mounted)?;
                 let record = this.store.update_volume(&id, |r| {
                     r.mount_path = Some(staging.clone());
                     r.flags = flags;
@@ -121,6 +130,7 @@ impl Engine {
         target: &Path,
         readonly: bool,
         pod: Option<(String, String)>,
+        group: Option<u32>,
     ) -> Result<(), OpsError> {
         let this = self.clone();
         let (id, staging, target) = (id.clone(), staging.to_path_buf(), target.to_path_buf());
@@ -131,6 +141,9 @@ impl Engine {
                 if !this.is_mounted_at(&record, &staging)? {
                     return Err(OpsError::NotStaged { volume: id.clone(), staging });
                 }
+                // Another pod has it published somewhere else: its group stays.
+                let others = this.mounts_of(&record)?.into_iter().any(|m| m != staging && m != target);
+                let record = this.apply_group(record, group, others)?;
                 create_dir(&id, &target)?;
                 match this.mounter.mount_at(&target).map_err(|s| this.mount_err(&record, s))? {
                     Some(m) if this.is_mounted_at(&record, &target)? => {
@@ -170,7 +183,12 @@ impl Engine {
     }
 
     /// Mounts an inline volume (restore) and records its pod.
-    pub async fn publish_inline(&self, req: NewVolume, pod: Option<(String, String)>) -> Result<(), OpsError> {
+    pub async fn publish_inline(
+        &self,
+        req: NewVolume,
+        pod: Option<(String, String)>,
+        group: Option<u32>,
+    ) -> Result<(), OpsError> {
         let this = self.clone();
         let id = req.id.clone();
         self.owned(id.as_str(), "publish", async move {
@@ -178,7 +196,7 @@ impl Engine {
                 let target = req.mount_path.clone().ok_or_else(|| OpsError::NoMountPath(req.id.clone()))?;
                 let id = req.id.clone();
                 create_dir(&id, &target)?;
-                this.restore_now(req)?;
+                this.restore_now(req, group)?;
                 this.remember_pod(&id, pod, &target)
             })
             .await

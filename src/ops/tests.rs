@@ -52,6 +52,7 @@ fn pvc(id: &str) -> NewVolume {
         owner: None,
         request: Some(VolumeRequest { name: id.into(), ..VolumeRequest::default() }),
         flags: MountOptions::default(),
+        root: Default::default(),
     }
 }
 
@@ -92,10 +93,10 @@ async fn a_persistent_volume_mounts_binds_and_comes_down_in_order() {
     let b = bed();
     let (staging, target) = (b.path("staging"), b.path("target"));
     b.engine.create(pvc("v1")).await.expect("create");
-    b.engine.stage(&vid("v1"), &staging, MountOptions::default()).await.expect("stage");
-    b.engine.stage(&vid("v1"), &staging, MountOptions::default()).await.expect("stage again is a no-op");
-    b.engine.publish(&vid("v1"), &staging, &target, false, None).await.expect("publish");
-    b.engine.publish(&vid("v1"), &staging, &target, false, None).await.expect("publish again is a no-op");
+    b.engine.stage(&vid("v1"), &staging, MountOptions::default(), None).await.expect("stage");
+    b.engine.stage(&vid("v1"), &staging, MountOptions::default(), None).await.expect("stage again is a no-op");
+    b.engine.publish(&vid("v1"), &staging, &target, false, None, None).await.expect("publish");
+    b.engine.publish(&vid("v1"), &staging, &target, false, None, None).await.expect("publish again is a no-op");
     b.job_writes("v1", "a.txt");
     assert_eq!(b.engine.unpublish(Some(&vid("v1")), &target).await.expect("unpublish"), Unpublished::Unbound);
     b.engine.unstage(&vid("v1"), &staging).await.expect("unstage");
@@ -120,9 +121,9 @@ async fn one_upper_is_never_mounted_twice() {
     let b = bed();
     let (staging, other) = (b.path("staging"), b.path("other"));
     b.engine.create(pvc("v1")).await.expect("create");
-    b.engine.stage(&vid("v1"), &staging, MountOptions::default()).await.expect("stage");
+    b.engine.stage(&vid("v1"), &staging, MountOptions::default(), None).await.expect("stage");
     b.mounter.take_calls();
-    let err = b.engine.stage(&vid("v1"), &other, MountOptions::default()).await.expect_err("second path");
+    let err = b.engine.stage(&vid("v1"), &other, MountOptions::default(), None).await.expect_err("second path");
     assert!(matches!(&err, OpsError::StagedElsewhere { at, .. } if *at == staging), "{err}");
     assert!(b.mounter.take_calls().is_empty(), "nothing mounted at the second path");
     let record = b.engine.volume(&vid("v1")).await.expect("record");
@@ -130,7 +131,7 @@ async fn one_upper_is_never_mounted_twice() {
 
     // Other flags for the same path are refused too, rather than silently ignored.
     let suid = MountOptions::parse(&["suid"]).expect("flags");
-    let err = b.engine.stage(&vid("v1"), &staging, suid).await.expect_err("other flags");
+    let err = b.engine.stage(&vid("v1"), &staging, suid, None).await.expect_err("other flags");
     assert!(matches!(err, OpsError::FlagsDiffer { .. }), "{err}");
 }
 
@@ -139,8 +140,8 @@ async fn delete_refuses_while_a_bind_is_left_and_keeps_the_upper() {
     let b = bed();
     let (staging, target) = (b.path("staging"), b.path("target"));
     b.engine.create(pvc("v1")).await.expect("create");
-    b.engine.stage(&vid("v1"), &staging, MountOptions::default()).await.expect("stage");
-    b.engine.publish(&vid("v1"), &staging, &target, false, None).await.expect("publish");
+    b.engine.stage(&vid("v1"), &staging, MountOptions::default(), None).await.expect("stage");
+    b.engine.publish(&vid("v1"), &staging, &target, false, None, None).await.expect("publish");
     b.job_writes("v1", "a.txt");
     b.mounter.take_calls();
     // A force-deleted pod: kubelet never unpublished, the staging path was unmounted by hand.
@@ -164,10 +165,10 @@ async fn a_failed_inline_mount_leaves_no_volume_behind() {
     let mut req = pvc("csi-1");
     req.mount_path = Some(target.clone());
     b.mounter.fail_next(CallKind::Overlay, 1, libc::ENOMEM);
-    let err = b.engine.publish_inline(req.clone(), None).await.expect_err("injected");
+    let err = b.engine.publish_inline(req.clone(), None, None).await.expect_err("injected");
     assert!(matches!(err, OpsError::Mount { .. }), "{err}");
     assert!(b.engine.store().volume(&vid("csi-1")).expect("read").is_none(), "rolled back: nothing pins layers");
-    b.engine.publish_inline(req, None).await.expect("a retry mounts");
+    b.engine.publish_inline(req, None, None).await.expect("a retry mounts");
     assert_eq!(b.mounter.mounted(), [target]);
 }
 
@@ -178,7 +179,7 @@ async fn a_busy_unmount_keeps_the_change_for_the_retry() {
     let mut req = pvc("csi-1");
     req.mount_path = Some(target.clone());
     req.request = Some(VolumeRequest { ephemeral: true, ..VolumeRequest::default() });
-    b.engine.publish_inline(req, None).await.expect("inline publish");
+    b.engine.publish_inline(req, None, None).await.expect("inline publish");
     b.job_writes("csi-1", "a.txt");
     b.mounter.fail_next(CallKind::Unmount, 10, libc::EBUSY);
     let err = b.engine.unpublish(Some(&vid("csi-1")), &target).await.expect_err("busy");

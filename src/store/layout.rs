@@ -302,6 +302,10 @@ impl Layout {
     pub fn upper_dir(&self, id: &VolumeId) -> PathBuf {
         self.volume_dir(id).join("upper")
     }
+    /// Where a volume's upper is prepared before it is renamed into place.
+    pub fn new_upper_dir(&self, id: &VolumeId) -> PathBuf {
+        self.volume_dir(id).join("upper.new")
+    }
     /// Overlay's work directory for a volume.
     pub fn work_dir(&self, id: &VolumeId) -> PathBuf {
         self.volume_dir(id).join("work")

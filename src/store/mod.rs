@@ -8,6 +8,7 @@ pub mod gc;
 pub mod head;
 pub mod layer;
 pub mod layout;
+pub mod root;
 pub mod squash;
 pub mod tree;
 pub mod volume;
@@ -21,6 +22,7 @@ use nix::fcntl::{Flock, FlockArg};
 pub use head::Head;
 pub use layer::{LayerKind, LayerRecord};
 pub use layout::{CacheKey, LayerId, Layout, Name, NameError, VolumeId};
+pub use root::RootSpec;
 pub use volume::{Base, Decision, OnStale, Owner, PodUse, Policy, PublishWhen, VolumeRecord, VolumeRequest};
 
 use head::now_unix;
@@ -102,6 +104,8 @@ pub struct NewVolume {
     pub request: Option<VolumeRequest>,
     /// The flags its overlay is mounted with.
     pub flags: crate::mount::MountOptions,
+    /// Owner and mode its root gets over the version's (owner parameters).
+    pub root: RootSpec,
 }
 
 /// One pin file read back: the volume, its cache (when recorded) and the layers it pins.
@@ -192,10 +196,14 @@ impl Store {
     pub fn create_volume(&self, req: &NewVolume) -> Result<VolumeRecord, StoreError> {
         let _pin = self.state_lock(false)?;
         if let Some(existing) = self.volume(&req.id)? {
-            if existing.cache != req.cache || existing.policy != req.policy || existing.request != req.request {
+            if existing.cache != req.cache
+                || existing.policy != req.policy
+                || existing.request != req.request
+                || existing.root != req.root
+            {
                 return Err(StoreError::VolumeConflict { id: req.id.clone(), existing: existing.cache });
             }
-            self.create_volume_dirs(&req.id)?;
+            self.create_volume_dirs(&existing)?;
             return Ok(existing);
         }
         let base = self.choose_base(req)?;
@@ -212,25 +220,67 @@ impl Store {
             decision: None,
             pods: Vec::new(),
             flags: req.flags,
+            root: req.root,
+            mount_group: None,
         };
         atomic::create_dir_durable(&self.layout.volume_dir(&req.id))?;
         // The record goes down before any mount so the layers are pinned from the first moment.
         atomic::write_json(&self.layout.volume_record(&req.id), &record)?;
         self.write_pin(&record)?;
-        self.create_volume_dirs(&req.id)?;
+        self.create_volume_dirs(&record)?;
         self.touch_used(&record.base.from);
         Ok(record)
     }
 
-    fn create_volume_dirs(&self, id: &VolumeId) -> Result<(), StoreError> {
-        for dir in [self.layout.upper_dir(id), self.layout.work_dir(id)] {
-            match std::fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(StoreError::io("create directory", &dir, e)),
+    fn create_volume_dirs(&self, record: &VolumeRecord) -> Result<(), StoreError> {
+        let id = &record.id;
+        let work = self.layout.work_dir(id);
+        match std::fs::create_dir(&work) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(StoreError::io("create directory", &work, e)),
+        }
+        let upper = self.layout.upper_dir(id);
+        if upper.exists() {
+            return Ok(());
+        }
+        // Built under another name and renamed, so an upper never exists with the driver's
+        // own root attributes instead of the version's (a crash in between leaves only debris).
+        let new = self.layout.new_upper_dir(id);
+        if let Err(e) = std::fs::remove_dir(&new) {
+            if e.kind() != io::ErrorKind::NotFound {
+                return Err(StoreError::io("remove", &new, e));
             }
         }
-        Ok(())
+        std::fs::create_dir(&new).map_err(|e| StoreError::io("create directory", &new, e))?;
+        let template = self.root_template(record)?;
+        root::prepare(&new, template.as_deref(), &record.root)?;
+        if let Some(gid) = record.mount_group {
+            root::give_to_group(&new, gid)?;
+        }
+        std::fs::rename(&new, &upper).map_err(|e| StoreError::io("rename", &new, e))
+    }
+
+    /// The directory whose root attributes a new volume's root copies: the top layer of what
+    /// it restores, or for a fresh start the cache's current top layer (a fresh start drops
+    /// the content, not who owns the cache).
+    fn root_template(&self, record: &VolumeRecord) -> Result<Option<PathBuf>, StoreError> {
+        if let Some(top) = record.base.layers.last() {
+            return Ok(Some(self.layout.layer_dir(top)));
+        }
+        if record.policy.fresh {
+            let head = self.head(&record.cache)?;
+            return Ok(head.and_then(|h| h.layers.last().map(|l| self.layout.layer_dir(l))));
+        }
+        Ok(None)
+    }
+
+    /// Gives a volume's root to a pod's fsGroup (recorded first, so a repeat re-applies it).
+    /// Only the root changes: new entries inherit the group through setgid.
+    pub fn set_mount_group(&self, id: &VolumeId, gid: u32) -> Result<VolumeRecord, StoreError> {
+        let record = self.update_volume(id, |r| r.mount_group = Some(gid))?;
+        root::give_to_group(&self.layout.upper_dir(id), gid)?;
+        Ok(record)
     }
 
     fn choose_base(&self, req: &NewVolume) -> Result<Base, StoreError> {

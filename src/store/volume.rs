@@ -170,6 +170,12 @@ pub struct VolumeRecord {
     /// The flags its overlay is mounted with.
     #[serde(default)]
     pub flags: crate::mount::MountOptions,
+    /// Owner and mode its root was given over the version's (owner parameters).
+    #[serde(default)]
+    pub root: super::RootSpec,
+    /// The fsGroup its root was given (CSI `volume_mount_group`).
+    #[serde(default)]
+    pub mount_group: Option<u32>,
 }
 
 /// The orchestrator's request behind a volume: a repeat with the same values is the same volume.

@@ -119,6 +119,7 @@ pub fn volume(id: &str, cache: &CacheKey, policy: Policy, target: &Path) -> NewV
         owner: None,
         request: None,
         flags: jobcachefs::mount::MountOptions::default(),
+        root: Default::default(),
     }
 }
 
