@@ -551,9 +551,8 @@ async fn run_child(command: &[String], dir: &Path, user: Option<(u32, u32)>) -> 
         // std clears the supplementary groups itself when it changes the uid as root.
         cmd.uid(uid).gid(gid);
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|source| CliError::Io { op: "start command", path: PathBuf::from(program), source })?;
+    let mut child =
+        cmd.spawn().map_err(|source| CliError::Io { op: "start command", path: PathBuf::from(program), source })?;
     let io_err = |source| CliError::Io { op: "wait for", path: PathBuf::from(program), source };
     // The terminal delivers ^C to the job too; we stay alive to unmount and report.
     let mut interrupt = signal(SignalKind::interrupt()).map_err(io_err)?;

@@ -117,11 +117,16 @@ mod tests {
         xattr::set(&top, "user.note", b"hello").ok();
 
         prepare(&a, Some(&top), &RootSpec::default()).unwrap();
-        let (uid, gid) = if root { (1000, 1001) } else { (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()) };
+        let (uid, gid) =
+            if root { (1000, 1001) } else { (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()) };
         assert_eq!(mode_of(&a), (uid, gid, 0o2770), "the version's root, setgid included");
         if root {
             assert_eq!(xattr::get(&a, "trusted.other").unwrap().as_deref(), Some(&b"kept"[..]));
-            assert_eq!(xattr::get(&a, "trusted.overlay.opaque").unwrap(), None, "overlay's own markers are not content");
+            assert_eq!(
+                xattr::get(&a, "trusted.overlay.opaque").unwrap(),
+                None,
+                "overlay's own markers are not content"
+            );
         }
 
         let spec = RootSpec { uid: root.then_some(2000), gid: root.then_some(2001), mode: Some(0o750) };
