@@ -114,6 +114,10 @@ impl Store {
     /// Makes the copied (and unmounted) flat layer a layer: renamed into place and recorded.
     pub fn squash_record(&self, plan: SquashPlan, stats: TreeStats) -> Result<Squashed, StoreError> {
         failpoint::hit("squash.after-copy");
+        // The copy went through the page cache: put its data and inodes on disk before a name
+        // in layers/ (and then HEAD, which lets gc take the layers it replaces) can point at it.
+        // One syncfs covers the whole tree, however many files it holds.
+        atomic::sync_filesystem(&plan.flat)?;
         let dest = self.layout.layer_dir(&plan.layer);
         std::fs::rename(&plan.flat, &dest).map_err(|e| StoreError::io("rename squashed layer", &plan.flat, e))?;
         let record = LayerRecord {
@@ -146,6 +150,7 @@ impl Store {
         let head = Head { version: current.version, layers, updated_unix: now_unix(), lineage: current.lineage };
         failpoint::hit("squash.before-head");
         atomic::write_json(&self.layout.head_path(key), &head)?;
+        failpoint::hit("squash.after-head");
         Ok(SquashOutcome::Squashed { version: head.version, replaced: squashed.prefix.len(), depth: head.layers.len() })
     }
 }
