@@ -144,8 +144,7 @@ async fn lease_lock_guards_publishes_through_the_driver() {
 async fn pvc_job(channel: &tonic::transport::Channel, sb: &Sandbox, name: &str, pod: &str, params: &[(&str, &str)]) {
     let mut controller = pb::controller_client::ControllerClient::new(channel.clone());
     let mut node = pb::node_client::NodeClient::new(channel.clone());
-    let mut parameters: HashMap<String, String> =
-        params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut parameters: HashMap<String, String> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     parameters.insert("cacheName".into(), "gradle".into());
     parameters.insert("csi.storage.k8s.io/pvc/namespace".into(), "ci".into());
     let vol = controller

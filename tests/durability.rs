@@ -9,8 +9,6 @@
 //! process. Each case runs on a loop-mounted ext4 image (journal on) and, where mkfs.xfs
 //! exists, on XFS. Needs `--features failpoints` and root; with `CI` set, missing ext4 or
 //! loop devices fail the test.
-#![cfg(feature = "failpoints")]
-
 mod common;
 
 use std::collections::BTreeMap;
@@ -107,7 +105,7 @@ impl Disk {
         let mut below: Vec<PathBuf> = self.sb.mounts().into_iter().filter(|m| m.starts_with(&self.sb.state)).collect();
         below.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         for m in below {
-            nix::mount::umount2(&m, MntFlags::empty()).unwrap_or_else(|e| panic!("unmount {}: {e}", m.display()));
+            unmount(&m);
         }
         assert!(!self.sb.mounts().contains(&self.sb.state), "the state dir is still mounted");
         self.mount();
@@ -253,9 +251,20 @@ fn assert_head_whole(disk: &Disk, what: &str, want: &Files) -> Head {
     nix::mount::mount(Some("overlay"), &view, Some("overlay"), MsFlags::MS_RDONLY, Some(opts.as_str()))
         .unwrap_or_else(|e| panic!("{what}: read-only overlay of HEAD: {e}"));
     let got = read_tree(&view);
-    nix::mount::umount2(&view, MntFlags::empty()).expect("unmount view");
+    unmount(&view);
     assert_same(what, &got, want);
     head
+}
+
+/// Unmounts `path`, riding out the brief EBUSY of another test thread's fork holding a copy
+/// of a descriptor inside it until that child execs.
+fn unmount(path: &Path) {
+    for attempt in 0.. {
+        match nix::mount::umount2(path, MntFlags::empty()) {
+            Err(nix::errno::Errno::EBUSY) if attempt < 50 => std::thread::sleep(std::time::Duration::from_millis(20)),
+            other => return other.unwrap_or_else(|e| panic!("unmount {}: {e}", path.display())),
+        }
+    }
 }
 
 /// The next job after the recovery works and publishes the next version.

@@ -155,16 +155,16 @@ fn eviction_on_one_node_keeps_a_cache_another_node_has_mounted() {
     // Node B has the cache mounted; node A's eviction, over any budget, must see B's pin.
     let mounted = sb.path("b-job");
     cli(&b_state, &["mount", "--cache", "npm", "--namespace", "ci", mounted.to_str().unwrap()]);
-    let gc: serde_json::Value = serde_json::from_str(&cli(&a_state, &["cache", "gc", "--budget", "1B", "--json"]))
-        .expect("gc report");
+    let gc: serde_json::Value =
+        serde_json::from_str(&cli(&a_state, &["cache", "gc", "--budget", "1B", "--json"])).expect("gc report");
     assert_eq!(gc["evicted"], serde_json::json!([]), "a cache in use on another node is kept: {gc}");
     assert_eq!(version(&shared, &a_state), 1);
     assert_eq!(fs::read_to_string(mounted.join("one")).unwrap(), "1\n", "B's volume still reads its layers");
 
     // Once B lets it go, A may evict it.
     cli(&b_state, &["release", "--no-publish", mounted.to_str().unwrap()]);
-    let gc: serde_json::Value = serde_json::from_str(&cli(&a_state, &["cache", "gc", "--budget", "1B", "--json"]))
-        .expect("gc report");
+    let gc: serde_json::Value =
+        serde_json::from_str(&cli(&a_state, &["cache", "gc", "--budget", "1B", "--json"])).expect("gc report");
     assert_eq!(gc["evicted"].as_array().map(Vec::len), Some(1), "{gc}");
     assert_eq!(version(&shared, &a_state), 0);
     let _ = SysMounter.unmount(&shared);

@@ -54,13 +54,29 @@ pub fn sync_filesystem(path: &Path) -> Result<(), StoreError> {
     nix::unistd::syncfs(&file).map_err(|e| StoreError::io("syncfs", path, e.into()))
 }
 
-/// Creates a directory and its parents, then makes the new entry durable in its parent.
+/// Creates a directory and its missing parents, making each new entry durable in its parent:
+/// a cache's first HEAD must not vanish with a `caches/<namespace>` entry that never reached
+/// the disk.
 pub fn create_dir_durable(dir: &Path) -> Result<(), StoreError> {
-    std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
-    match dir.parent() {
-        Some(parent) => sync_dir(parent),
-        None => Ok(()),
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d.exists() {
+            break;
+        }
+        missing.push(d);
+        cur = d.parent();
     }
+    std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
+    // Syncing the parent of every directory made here, and of `dir` itself even when it was
+    // there already (another process may have made it without syncing).
+    let mut parents: Vec<&Path> = missing.iter().filter_map(|d| d.parent()).collect();
+    parents.extend(dir.parent());
+    parents.dedup();
+    for parent in parents {
+        sync_dir(parent)?;
+    }
+    Ok(())
 }
 
 fn no_parent() -> std::io::Error {

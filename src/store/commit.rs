@@ -100,7 +100,7 @@ impl Store {
                 return Ok(Prepared::Nothing(NotPublished::TooBig { bytes: stats.bytes, max_bytes }));
             }
         }
-        sync_filesystem(&upper)?;
+        super::atomic::sync_filesystem(&upper)?;
 
         let _pin = self.state_lock(false)?;
         match self.promote_pinned(&mut record, &upper, stats) {
@@ -159,7 +159,7 @@ impl Store {
         tree::remove_tree(&incoming)?;
         // Whiteouts and opaque markers are the delta's deletions: they must travel with it.
         tree::copy_tree(upper, &incoming, tree::CopyOptions { keep_overlay_xattrs: true }, &mut |_| {})?;
-        sync_filesystem(&incoming)?;
+        super::atomic::sync_filesystem(&incoming)?;
         let dest = self.layout.layer_dir(layer);
         std::fs::rename(&incoming, &dest).map_err(|e| StoreError::io("rename incoming layer", &incoming, e))?;
         atomic::sync_dir(&self.layout.layers_dir())
@@ -266,10 +266,4 @@ impl Store {
             Err(e) => Err(StoreError::io("remove", self.layout.layer_record(layer), e)),
         }
     }
-}
-
-/// Flushes the filesystem holding `path`, so the renamed upper is durable before HEAD names it.
-fn sync_filesystem(path: &std::path::Path) -> Result<(), StoreError> {
-    let dir = std::fs::File::open(path).map_err(|e| StoreError::io("open", path, e))?;
-    nix::unistd::syncfs(&dir).map_err(|e| StoreError::io("syncfs", path, e.into()))
 }

@@ -510,7 +510,10 @@ impl Store {
     /// Marks a cache as used now; best effort, it only steers eviction.
     pub fn touch_used(&self, key: &CacheKey) {
         let path = self.layout.used_path(key);
-        if std::fs::create_dir_all(self.layout.cache_dir(key)).is_ok() {
+        let dir = self.layout.cache_dir(key);
+        // Durably, though rare (a cache's first use): its HEAD will later live here, and a
+        // directory entry never synced could take a first version with it in a power cut.
+        if dir.exists() || atomic::create_dir_durable(&dir).is_ok() {
             let _ = File::options()
                 .create(true)
                 .truncate(false)
