@@ -6,7 +6,9 @@
 Renders the chart with its default values and with hack/chart-values-test.yaml, parses
 every document with PyYAML and checks what the deployment depends on: the CSIDriver,
 the node DaemonSet (containers, arguments, mounts and their propagation), RBAC verbs,
-StorageClasses and the driver's config. It also checks examples/*.yaml. Each check
+StorageClasses, the driver's config, and the metrics Service, ServiceMonitor and
+dashboard ConfigMap. It also checks the Grafana dashboard's PromQL against the metrics
+the driver exports, and examples/*.yaml. Each check
 prints one line, `ok - ...` or `not ok - ...`; the last line is `N passed, M failed`,
 and the exit status is non-zero if any check failed. No cluster is needed.
 
@@ -24,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "jobcachefs"
 TEST_VALUES = ROOT / "hack" / "chart-values-test.yaml"
 EXAMPLES = ROOT / "examples"
+DASHBOARD = CHART / "dashboards" / "jobcachefs.json"
 RELEASE = "jc"
 NAMESPACE = "jobcachefs-system"
 DRIVER = "jobcachefs.dev"
@@ -230,7 +234,9 @@ def rules_of(role: dict) -> dict[tuple[str, str], set[str]]:
 
 # --- the checks -------------------------------------------------------------------
 
-DRIVER_RULES = {("", "persistentvolumeclaims"): {"get"}, ("", "pods"): {"get"}}
+# The driver writes Events (CacheRestored, CachePublished, ...) through either API group.
+EVENT_RULES = {("", "events"): {"create", "patch"}, ("events.k8s.io", "events"): {"create", "patch"}}
+DRIVER_RULES = {("", "persistentvolumeclaims"): {"get"}, ("", "pods"): {"get"}, **EVENT_RULES}
 LEASE_RULE = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 PROVISIONER_RULES = {
     ("", "persistentvolumes"): {"get", "list", "watch", "create", "delete", "patch"},
@@ -392,6 +398,10 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
         r.check(b is not None and b["roleRef"]["name"] == role_name
                 and b["subjects"] == [{"kind": "ServiceAccount", "name": sa_name, "namespace": NAMESPACE}],
                 f"{t} ClusterRoleBinding {role_name} binds the pod's ServiceAccount", b)
+    driver_rules = rules_of(roles.get(f"{fullname}-driver", {}))
+    for key, verbs in EVENT_RULES.items():
+        r.equal(sorted(driver_rules.get(key, set())), sorted(verbs),
+                f"{t} driver may {'+'.join(sorted(verbs))} events in group {key[0] or 'core'} and nothing else")
     all_rules = {}
     for role in roles.values():
         for k, v in rules_of(role).items():
@@ -426,6 +436,166 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
     annotations = ds["spec"]["template"]["metadata"].get("annotations", {})
     r.check(len(annotations.get("checksum/config", "")) == 64, f"{t} pods roll when the config changes")
 
+    check_metrics(r, docs, want["metrics"], label)
+
+
+def check_metrics(r: Report, docs: list[dict], want: dict | None, label: str) -> None:
+    """The metrics flag and port, Service, ServiceMonitor and dashboard ConfigMap.
+
+    `want` is None when metrics are off, else {port, serviceMonitor (None or
+    {interval, labels}), dashboard (bool)}; the dashboard ConfigMap is checked on its own
+    key `dashboard` in both cases.
+    """
+    t = f"[{label}]"
+    fullname = f"{RELEASE}-jobcachefs"
+    ds = by_kind(docs, "DaemonSet").get(f"{fullname}-node")
+    if not r.check(ds is not None, f"{t} DaemonSet {fullname}-node is rendered"):
+        return
+    drv_c = containers(ds).get("jobcachefs", {})
+    args = drv_c.get("args", [])
+    address = flags(args[args.index("serve") + 1:] if "serve" in args else args).get("metrics-address")
+    ports = {p["name"]: p for p in drv_c.get("ports", [])}
+    services = [d for d in docs if d["kind"] == "Service"
+                and any(p.get("name") == "metrics" for p in d.get("spec", {}).get("ports", []))]
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    dashboards = [d for d in docs if d["kind"] == "ConfigMap"
+                  and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+
+    if want is None:
+        r.check(address is None and "metrics" not in ports, f"{t} metrics off: no --metrics-address, no metrics port",
+                (address, ports.get("metrics")))
+        r.check(not services, f"{t} metrics off: no metrics Service", [d["metadata"]["name"] for d in services])
+        r.check(not monitors, f"{t} metrics off: no ServiceMonitor", [d["metadata"]["name"] for d in monitors])
+    else:
+        port = want["port"]
+        r.equal(address, f"0.0.0.0:{port}", f"{t} driver --metrics-address=0.0.0.0:{port} after serve")
+        r.equal({k: v for k, v in ports.get("metrics", {}).items() if k != "name"},
+                {"containerPort": port, "protocol": "TCP"}, f"{t} driver declares containerPort metrics {port}")
+        svc = by_kind(docs, "Service").get(f"{fullname}-metrics")
+        if r.check(svc is not None and services == [svc], f"{t} one metrics Service {fullname}-metrics",
+                   [d["metadata"]["name"] for d in services]):
+            spec = svc["spec"]
+            r.equal(spec.get("type"), "ClusterIP", f"{t} metrics Service is ClusterIP")
+            r.equal(spec.get("ports"), [{"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP"}],
+                    f"{t} metrics Service port metrics {port} targets the container port metrics")
+            pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+            r.check(spec.get("selector") == ds["spec"]["selector"]["matchLabels"]
+                    and all(pod_labels.get(k) == v for k, v in spec.get("selector", {}).items()),
+                    f"{t} metrics Service selects the node pods (the DaemonSet's selector)",
+                    (spec.get("selector"), pod_labels))
+        sm_want = want["serviceMonitor"]
+        if sm_want is None:
+            r.check(not monitors, f"{t} no ServiceMonitor unless metrics.serviceMonitor.enabled",
+                    [d["metadata"]["name"] for d in monitors])
+        elif r.check(len(monitors) == 1, f"{t} one ServiceMonitor is rendered", len(monitors)):
+            sm = monitors[0]
+            r.equal(sm.get("apiVersion"), "monitoring.coreos.com/v1", f"{t} ServiceMonitor is monitoring.coreos.com/v1")
+            sm_labels = sm["metadata"].get("labels", {})
+            r.check(all(sm_labels.get(k) == v for k, v in sm_want["labels"].items()),
+                    f"{t} ServiceMonitor carries the labels {sm_want['labels']}", sm_labels)
+            spec = sm["spec"]
+            svc_labels = (svc or {}).get("metadata", {}).get("labels", {})
+            sel = spec.get("selector", {}).get("matchLabels", {})
+            r.check(bool(sel) and all(svc_labels.get(k) == v for k, v in sel.items()),
+                    f"{t} ServiceMonitor selects the metrics Service", (sel, svc_labels))
+            r.equal(spec.get("namespaceSelector"), {"matchNames": [NAMESPACE]},
+                    f"{t} ServiceMonitor looks in the release namespace")
+            eps = spec.get("endpoints", [])
+            got = [(e.get("port"), e.get("path"), e.get("interval")) for e in eps]
+            r.equal(got, [("metrics", "/metrics", sm_want["interval"])],
+                    f"{t} ServiceMonitor scrapes port metrics, /metrics, every {sm_want['interval']}")
+            r.check(all(e.get("honorLabels") is True for e in eps),
+                    f"{t} ServiceMonitor honours the driver's namespace label (the cache's namespace)")
+
+    if want is not None and want.get("dashboard"):
+        if r.check(len(dashboards) == 1, f"{t} one ConfigMap labelled grafana_dashboard=1", len(dashboards)):
+            try:
+                got = json.loads(dashboards[0]["data"]["jobcachefs.json"])
+            except (KeyError, ValueError) as e:
+                got = f"unparsable: {e}"
+            r.check(got == json.loads(DASHBOARD.read_text()),
+                    f"{t} dashboard ConfigMap holds dashboards/jobcachefs.json")
+    else:
+        r.check(not dashboards, f"{t} no dashboard ConfigMap unless metrics.dashboard.enabled",
+                [d["metadata"]["name"] for d in dashboards])
+
+
+# What the driver exports (src/metrics.rs), by type: the names PromQL may use.
+COUNTERS = {"jobcachefs_restores_total", "jobcachefs_publishes_total", "jobcachefs_published_bytes_total",
+            "jobcachefs_lock_errors_total", "jobcachefs_gc_runs_total", "jobcachefs_gc_freed_bytes_total",
+            "jobcachefs_squashes_total", "jobcachefs_evictions_total", "jobcachefs_layers_created_total",
+            "jobcachefs_layers_collected_total"}
+GAUGES = {"jobcachefs_store_bytes", "jobcachefs_caches", "jobcachefs_layers", "jobcachefs_volumes",
+          "jobcachefs_deepest_stack_layers", "jobcachefs_oldest_pending_publish_seconds"}
+HISTOGRAMS = {"csi_plugin_operations_seconds", "jobcachefs_restore_duration_seconds",
+              "jobcachefs_publish_duration_seconds", "jobcachefs_publish_lock_wait_seconds",
+              "jobcachefs_publish_lock_held_seconds"}
+# Series labelled with the cache's namespace: the only ones `$namespace` may filter.
+NAMESPACED = {"jobcachefs_restores_total", "jobcachefs_publishes_total", "jobcachefs_published_bytes_total",
+              "jobcachefs_restore_duration_seconds", "jobcachefs_publish_duration_seconds"}
+METRIC_RE = re.compile(r"\b((?:csi_plugin|jobcachefs)_[a-z_]+)(\{[^}]*\})?")
+
+
+def metric_base(name: str) -> str | None:
+    """The exported metric a PromQL series name belongs to, or None if unknown."""
+    if name in COUNTERS or name in GAUGES:
+        return name
+    for suffix in ("_bucket", "_count", "_sum"):
+        if name.endswith(suffix) and name[: -len(suffix)] in HISTOGRAMS:
+            return name[: -len(suffix)]
+    return None
+
+
+def check_dashboard(r: Report) -> None:
+    t = "[dashboard]"
+    try:
+        dash = json.loads(DASHBOARD.read_text())
+    except (OSError, ValueError) as e:
+        r.check(False, f"{t} {DASHBOARD.relative_to(ROOT)} parses as JSON", e)
+        return
+    r.check(True, f"{t} {DASHBOARD.relative_to(ROOT)} parses as JSON")
+    r.check(isinstance(dash.get("schemaVersion"), int) and dash["schemaVersion"] >= 36,
+            f"{t} schemaVersion is a current one", dash.get("schemaVersion"))
+    variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
+    ds_var = variables.get("datasource", {})
+    r.check(ds_var.get("type") == "datasource" and ds_var.get("query") == "prometheus",
+            f"{t} has a Prometheus datasource variable `datasource`", ds_var)
+    ns_query = variables.get("namespace", {}).get("query")
+    ns_query = ns_query.get("query") if isinstance(ns_query, dict) else ns_query
+    r.equal(ns_query, "label_values(jobcachefs_restores_total, namespace)",
+            f"{t} variable namespace lists the namespaces of jobcachefs_restores_total")
+
+    panels = []
+    for p in dash.get("panels", []):
+        panels.append(p)
+        panels.extend(p.get("panels", []))
+    ids = [p.get("id") for p in panels]
+    r.check(len(ids) == len(set(ids)) and None not in ids, f"{t} panel ids are unique", ids)
+    graphs = [p for p in panels if p.get("type") != "row"]
+    targets = [(p, q) for p in graphs for q in p.get("targets", [])]
+    not_var = [p.get("title") for p in graphs if (p.get("datasource") or {}).get("uid") != "${datasource}"] + \
+              [p.get("title") for p, q in targets if (q.get("datasource") or {}).get("uid") != "${datasource}"]
+    r.check(bool(graphs) and not not_var, f"{t} every panel and query uses ${{datasource}}", not_var)
+    exprs = [q.get("expr", "") for _, q in targets]
+    r.check(bool(exprs) and all(exprs), f"{t} every query has a PromQL expr",
+            [p.get("title") for p, q in targets if not q.get("expr")])
+
+    unknown, misfiltered, used = set(), set(), set()
+    for expr in exprs + [ns_query or ""]:
+        for m in METRIC_RE.finditer(expr):
+            base = metric_base(m.group(1))
+            if base is None:
+                unknown.add(m.group(1))
+                continue
+            used.add(base)
+            if "$namespace" in (m.group(2) or "") and base not in NAMESPACED:
+                misfiltered.add(base)
+    r.check(not unknown, f"{t} PromQL names only metrics the driver exports", sorted(unknown))
+    r.check(not misfiltered, f"{t} $namespace filters only series labelled with a cache's namespace",
+            sorted(misfiltered))
+    missing = (COUNTERS | GAUGES | HISTOGRAMS) - used
+    r.check(not missing, f"{t} every exported metric is on a panel", sorted(missing))
+
 
 DEFAULT_WANT = {
     "image": "jobcachefs:0.1.0",
@@ -447,6 +617,7 @@ DEFAULT_WANT = {
     "driverRules": DRIVER_RULES,
     "storageClasses": {"jobcache": {"publish": "true"}, "jobcache-readonly": {"publish": "false"}},
     "inlinePublishNamespaces": [],
+    "metrics": None,
 }
 
 TEST_WANT = {
@@ -473,6 +644,8 @@ TEST_WANT = {
         "jobcache-pr": {"publish": "true", "fallbackCaches": "maven-main", "maxBytes": "1GiB"},
     },
     "inlinePublishNamespaces": ["ci"],
+    "metrics": {"port": 9900, "serviceMonitor": {"interval": "15s", "labels": {"release": "kube-prometheus-stack"}},
+                "dashboard": True},
 }
 
 
@@ -603,6 +776,23 @@ def main() -> int:
                 "[pvc] shared-dir volume is the PVC jobcache-shared")
         r.equal(flags(containers(ds)["jobcachefs"]["args"]).get("shared-dir"), "/shared", "[pvc] driver --shared-dir /shared")
 
+    # Metrics step by step: the ServiceMonitor needs metrics, the dashboard stands alone.
+    for label, extra, want in [
+        ("metrics", ["--set", "metrics.enabled=true"], {"port": 9811, "serviceMonitor": None, "dashboard": False}),
+        ("monitor", ["--set", "metrics.enabled=true", "--set", "metrics.serviceMonitor.enabled=true"],
+         {"port": 9811, "serviceMonitor": {"interval": "30s", "labels": {}}, "dashboard": False}),
+        ("monitor-no-metrics", ["--set", "metrics.serviceMonitor.enabled=true"], None),
+    ]:
+        docs, err = render(helm, *extra)
+        if r.check(bool(docs), f"helm template with {' '.join(extra[1::2])}", err):
+            check_metrics(r, docs, want, label)
+    docs, err = render(helm, "--set", "metrics.dashboard.enabled=true")
+    if r.check(bool(docs), "helm template with metrics.dashboard.enabled=true", err):
+        maps = [d for d in docs if d["kind"] == "ConfigMap"
+                and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+        r.check(len(maps) == 1 and json.loads(maps[0]["data"]["jobcachefs.json"]) == json.loads(DASHBOARD.read_text()),
+                "[dashboard-only] a ConfigMap labelled grafana_dashboard=1 holds dashboards/jobcachefs.json")
+
     # Values the chart must refuse.
     for what, extra, needle in [
         ("lock=bogus", ["--set", "lock=bogus"], "lock"),
@@ -611,10 +801,15 @@ def main() -> int:
         ("an unknown StorageClass parameter", ["--set", "storageClasses.jobcache.parameters.cachename=x"],
          "cachename"),
         ("a bad inline namespace", ["--set", "inlinePublishNamespaces[0]=Not_A_Namespace"], "inlinePublishNamespaces"),
+        ("metrics.port equal to healthPort", ["--set", "metrics.enabled=true", "--set", "metrics.port=9808"],
+         "metrics.port"),
+        ("a misspelt metrics key", ["--set", "metrics.serviceMonitor.enable=true"], "enable"),
+        ("a bad scrape interval", ["--set", "metrics.serviceMonitor.interval=30 seconds"], "interval"),
     ]:
         docs, err = render(helm, *extra)
         r.check(not docs and needle in err, f"helm template refuses {what}", err or "rendered")
 
+    check_dashboard(r)
     check_examples(r)
     return r.summary()
 

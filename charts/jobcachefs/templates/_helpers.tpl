@@ -84,3 +84,14 @@ jobcachefs.dev
 {{- end }}
 {{- .Values.lock }}
 {{- end }}
+
+{{/* The driver's metrics port when metrics are enabled, else empty; checked against healthPort. */}}
+{{- define "jobcachefs.metricsPort" -}}
+{{- $m := .Values.metrics | default dict }}
+{{- if $m.enabled }}
+{{- if eq (int $m.port) (int .Values.healthPort) }}
+{{- fail (printf "metrics.port and healthPort must differ: both are %d" (int $m.port)) }}
+{{- end }}
+{{- int $m.port }}
+{{- end }}
+{{- end }}
