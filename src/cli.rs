@@ -93,6 +93,13 @@ pub struct ServeArgs {
     /// How long a Lease stays valid without renewal (a dead holder blocks others this long).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDRESS/metrics; off when not given.
+    #[arg(long)]
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// Label cache-level series with the cache's name too, not only its namespace (one
+    /// series per cache: mind the cardinality).
+    #[arg(long)]
+    pub metrics_cache_label: bool,
 }
 
 /// The publish-lock backends.
@@ -653,7 +660,8 @@ async fn serve_command(engine: Engine, args: ServeArgs) -> Result<ExitCode, CliE
     } else {
         None
     };
-    let mut engine = engine.with_publish_deadline(args.publish_deadline);
+    let metrics = Arc::new(crate::metrics::Metrics::new(args.metrics_cache_label));
+    let mut engine = engine.with_publish_deadline(args.publish_deadline).with_metrics(metrics.clone());
     if args.lock == LockBackend::Lease {
         let client = client.clone().ok_or_else(|| CliError::Usage("--lock lease needs Kubernetes access".into()))?;
         let timing = crate::lock::LeaseTiming { duration: args.lease_duration, ..Default::default() };
@@ -683,6 +691,27 @@ async fn serve_command(engine: Engine, args: ServeArgs) -> Result<ExitCode, CliE
         max_idle: args.max_idle,
         budget_bytes: args.budget,
     };
+    let metrics_task = match args.metrics_address {
+        Some(address) => {
+            let store = engine.clone();
+            let gauges = metrics.clone();
+            let refresh: crate::metrics::Refresh = Arc::new(move || {
+                let (store, gauges) = (store.clone(), gauges.clone());
+                Box::pin(async move {
+                    match store.summary().await {
+                        Ok(summary) => gauges.set_store(&summary),
+                        Err(e) => tracing::warn!(error = %e, "metrics: cannot read the store; gauges kept"),
+                    }
+                })
+            });
+            let (bound, task) = crate::metrics::serve(address, metrics.clone(), refresh)
+                .await
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            tracing::info!(address = %bound, "serving metrics at /metrics");
+            Some(task)
+        }
+        None => None,
+    };
     let driver = Arc::new(crate::csi::Driver::new(engine, args.node_id, access, maintenance));
     let upkeep = tokio::spawn(driver.clone().run_maintenance());
     let io_err = |source| CliError::Io { op: "install signal handler", path: PathBuf::from("SIGTERM"), source };
@@ -697,6 +726,9 @@ async fn serve_command(engine: Engine, args: ServeArgs) -> Result<ExitCode, CliE
     };
     let served = crate::csi::serve(&socket, driver, shutdown).await;
     upkeep.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     served.map_err(|e| CliError::Usage(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }

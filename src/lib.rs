@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod csi;
 pub mod failpoint;
 pub mod lock;
+pub mod metrics;
 pub mod mount;
 pub mod ops;
 pub mod store;

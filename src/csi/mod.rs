@@ -7,6 +7,7 @@ mod identity;
 mod node;
 pub mod params;
 pub mod status;
+mod timed;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -341,7 +342,9 @@ pub async fn serve(
     let listener = listener.map_err(|e| io("bind", e))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(|e| io("chmod", e))?;
     tracing::info!(socket = %socket.display(), node = %driver.node_id, "serving CSI");
+    let metrics = driver.engine.metrics().clone();
     tonic::transport::Server::builder()
+        .layer(timed::TimedLayer(metrics))
         .add_service(pb::identity_server::IdentityServer::new(identity::IdentityService(driver.clone())))
         .add_service(pb::controller_server::ControllerServer::new(controller::ControllerService(driver.clone())))
         .add_service(pb::node_server::NodeServer::new(node::NodeService(driver)))

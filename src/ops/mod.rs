@@ -26,6 +26,7 @@ pub use upkeep::Background;
 
 use crate::cluster::Cluster;
 use crate::lock::{LockError, PublishLock};
+use crate::metrics::{Metrics, RestoreResult};
 use crate::mount::{MountError, Mounter, OverlaySpec, UpperDirs};
 use crate::store::commit::{Advanced, NotPublished, Prepared};
 use crate::store::{CacheKey, Decision, NewVolume, Store, StoreError, VolumeId, VolumeRecord};
@@ -119,6 +120,27 @@ pub enum Released {
     NotPublished { why: NotPublished },
 }
 
+impl Released {
+    /// The `outcome` label of the publishes counter; `base` is the volume's base version.
+    pub fn outcome(&self, base: u64) -> &'static str {
+        match self {
+            // One past the base is a plain commit (or a fresh start's replacement); anything
+            // higher went on top of a newer HEAD (onStale=stack).
+            Released::Committed { version, .. } if *version == base + 1 => "committed",
+            Released::Committed { .. } => "stacked",
+            Released::Stale { .. } => "stale",
+            Released::NotPublished { why } => match why {
+                NotPublished::NotAllowed => "not_allowed",
+                NotPublished::JobFailed => "job_failed",
+                NotPublished::Unchanged => "nothing_changed",
+                NotPublished::TooBig { .. } => "over_limit",
+                NotPublished::DeadlinePassed { .. } => "deadline_passed",
+                NotPublished::NoSpace => "no_space",
+            },
+        }
+    }
+}
+
 impl std::fmt::Display for Released {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -137,6 +159,9 @@ impl std::fmt::Display for Released {
                 write!(f, "not published: publishing is not allowed for this volume")
             }
             Released::NotPublished { why: NotPublished::Unchanged } => write!(f, "not published: nothing changed"),
+            Released::NotPublished { why: NotPublished::JobFailed } => {
+                write!(f, "not published: a pod that used the volume did not succeed (publishWhen=on-success)")
+            }
             Released::NotPublished { why: NotPublished::NoSpace } => {
                 write!(f, "not published: the cache's filesystem is full; the change was dropped to free it")
             }
@@ -165,6 +190,7 @@ pub struct Engine {
     inflight: Inflight,
     pods: Option<Arc<dyn Cluster>>,
     background: upkeep::Squasher,
+    metrics: Arc<Metrics>,
 }
 
 /// Runs blocking store or mount work off the async threads, inside the caller's span.
@@ -189,6 +215,17 @@ pub fn unmount_patiently(mounter: &dyn Mounter, path: &Path) -> Result<(), Mount
     }
 }
 
+/// The `kind` label of a lock failure.
+fn lock_kind(e: &LockError) -> &'static str {
+    match e {
+        LockError::Timeout { .. } => "timeout",
+        LockError::Lost { .. } => "lost",
+        LockError::Api { .. } => "api",
+        LockError::Config { .. } => "config",
+        LockError::Io { .. } => "io",
+    }
+}
+
 /// Tries of a busy unmount before reporting it.
 const BUSY_RETRIES: u32 = 5;
 
@@ -204,7 +241,19 @@ impl Engine {
             inflight: Inflight::default(),
             pods: None,
             background: upkeep::Squasher::default(),
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// Counts what happens into `metrics` (the driver's `/metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The series this engine counts into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Uses `lock` as the publish lock instead of the one given at construction.
@@ -268,6 +317,7 @@ impl Engine {
     /// Creates the volume if needed, gives its root to `group` (before anything mounts it, or
     /// again on a repeat), and mounts it at the request's mount path.
     fn restore_now(&self, req: NewVolume, group: Option<u32>) -> Result<Restored, OpsError> {
+        let started = std::time::Instant::now();
         let target = req.mount_path.clone().ok_or_else(|| OpsError::NoMountPath(req.id.clone()))?;
         let existed = self.store.volume(&req.id)?.is_some();
         let record = self.store.create_volume(&req)?;
@@ -281,13 +331,16 @@ impl Engine {
                 return Err(err);
             }
         };
-        if let Err(err) = self.mount_volume(&record, &target) {
-            if !existed {
-                // Nothing of ours is mounted: the new volume would only pin layers forever.
-                self.store.drop_volume(&req.id)?;
+        let mounted_now = match self.mount_volume(&record, &target) {
+            Ok(now) => now,
+            Err(err) => {
+                if !existed {
+                    // Nothing of ours is mounted: the new volume would only pin layers forever.
+                    self.store.drop_volume(&req.id)?;
+                }
+                return Err(err);
             }
-            return Err(err);
-        }
+        };
         let (mut files, mut bytes) = (0, 0);
         for layer in &record.base.layers {
             if let Some(rec) = self.store.layer(layer)? {
@@ -297,7 +350,23 @@ impl Engine {
         }
         tracing::info!(cache.namespace = %record.cache.namespace, cache.name = %record.cache.name,
             head.version = record.base.version, layers = record.base.layers.len(), "restored");
-        Ok(Restored { volume: record, files, bytes })
+        let restored = Restored { volume: record, files, bytes };
+        if mounted_now {
+            self.restore_seen(&restored.volume, started.elapsed());
+        }
+        Ok(restored)
+    }
+
+    /// Counts a volume that was just mounted (a repeated call mounts nothing and counts nothing).
+    fn restore_seen(&self, record: &VolumeRecord, took: Duration) {
+        let result = if record.base.layers.is_empty() {
+            RestoreResult::miss
+        } else if record.base.from != record.cache {
+            RestoreResult::fallback
+        } else {
+            RestoreResult::hit
+        };
+        self.metrics.restored(&record.cache, result, took);
     }
 
     /// Creates (pins) a volume without mounting it yet; idempotent for the same request.
@@ -325,9 +394,9 @@ impl Engine {
         OpsError::Mount { volume: record.id.clone(), source }
     }
 
-    /// Mounts the volume's overlay at `target` unless it is there already; refuses a target
-    /// holding something else and an upper mounted anywhere else.
-    fn mount_volume(&self, record: &VolumeRecord, target: &Path) -> Result<(), OpsError> {
+    /// Mounts the volume's overlay at `target` unless it is there already (`Ok(false)`); refuses
+    /// a target holding something else and an upper mounted anywhere else.
+    fn mount_volume(&self, record: &VolumeRecord, target: &Path) -> Result<bool, OpsError> {
         if let Some(m) = self.mounter.mount_at(target).map_err(|source| self.mount_err(record, source))? {
             if !crate::mount::writes_to(&m, &self.store.layout().upper_dir(&record.id)) {
                 return Err(OpsError::ForeignMount {
@@ -349,12 +418,13 @@ impl Engine {
                     asked: want.join(","),
                 });
             }
-            return Ok(());
+            return Ok(false);
         }
         if let Some(at) = self.mounts_of(record)?.into_iter().next() {
             return Err(OpsError::StagedElsewhere { volume: record.id.clone(), at });
         }
-        self.mounter.overlay(&self.overlay_spec(record), target).map_err(|source| self.mount_err(record, source))
+        self.mounter.overlay(&self.overlay_spec(record), target).map_err(|source| self.mount_err(record, source))?;
+        Ok(true)
     }
 
     /// Gives the volume's root to a pod's fsGroup (`volume_mount_group`), unless it has that
@@ -385,11 +455,49 @@ impl Engine {
     pub async fn release(&self, id: &VolumeId, allow: bool) -> Result<Option<Released>, OpsError> {
         let this = self.clone();
         let vid = id.clone();
-        self.owned(id.as_str(), "release", async move { this.release_now(&vid, allow).await }).await
+        self.owned(id.as_str(), "release", async move { this.release_now(&vid, allow, false).await }).await
     }
 
-    /// The commit protocol. Runs inside an owned task: nothing here may rely on the caller.
-    async fn release_now(&self, id: &VolumeId, allow: bool) -> Result<Option<Released>, OpsError> {
+    /// The commit protocol, counted. `pods_vetoed`: `allow` is false because a pod that used
+    /// the volume did not succeed (`publishWhen`), which the outcome then says. Runs inside an
+    /// owned task: nothing here may rely on the caller.
+    async fn release_now(&self, id: &VolumeId, allow: bool, pods_vetoed: bool) -> Result<Option<Released>, OpsError> {
+        let started = std::time::Instant::now();
+        let record = self.store.volume(id).ok().flatten();
+        let may_publish = record.as_ref().is_some_and(|r| r.policy.publish && !r.policy.read_only);
+        let cache = record.map(|r| (r.cache, r.base.version));
+        let released = self.commit(id, allow).await.map(|r| {
+            r.map(|r| match r {
+                Released::NotPublished { why: NotPublished::NotAllowed } if pods_vetoed && may_publish => {
+                    Released::NotPublished { why: NotPublished::JobFailed }
+                }
+                other => other,
+            })
+        });
+        if let Some((cache, base)) = cache {
+            let took = started.elapsed();
+            match &released {
+                Ok(Some(r)) => {
+                    let bytes = match r {
+                        Released::Committed { bytes, .. } => *bytes,
+                        _ => 0,
+                    };
+                    self.metrics.released(&cache, r.outcome(base), bytes, took);
+                    if let Released::Committed { .. } = r {
+                        self.metrics.layer_created();
+                    }
+                }
+                Ok(None) => {}
+                // The lock's failures are counted by kind; the caller retries with the change kept.
+                Err(OpsError::Lock { .. }) => {}
+                Err(_) => self.metrics.released(&cache, "failed", 0, took),
+            }
+        }
+        released
+    }
+
+    /// The commit protocol.
+    async fn commit(&self, id: &VolumeId, allow: bool) -> Result<Option<Released>, OpsError> {
         let this = self.clone();
         let vid = id.clone();
         let prepared = blocking(move || {
@@ -431,8 +539,12 @@ impl Engine {
         let started = std::time::Instant::now();
         let guard = match self.lock.acquire(&record.cache, self.lock_timeout).await {
             Ok(guard) => guard,
-            Err(source) => return self.give_up_or_retry(id, &promoted.layer, source).await,
+            Err(source) => {
+                self.metrics.lock_failed(lock_kind(&source));
+                return self.give_up_or_retry(id, &promoted.layer, source).await;
+            }
         };
+        let waited = started.elapsed();
         let this = self.clone();
         let rec = record.clone();
         let pro = promoted.clone();
@@ -443,6 +555,10 @@ impl Engine {
         };
         // Released only now that the HEAD write it protects has finished (or failed).
         let released = guard.release().await;
+        self.metrics.lock_used(waited, started.elapsed().saturating_sub(waited));
+        if let Err(OpsError::Lock { source, .. }) = &advanced {
+            self.metrics.lock_failed(lock_kind(source));
+        }
         let advanced = advanced?;
         if let Err(e) = released {
             // HEAD is written; a Lease that could not be cleared expires by itself.
@@ -558,6 +674,12 @@ impl Engine {
             Ok(fs.blocks() as u64 * fs.fragment_size() as u64)
         })
         .await
+    }
+
+    /// The store's counts for the metrics gauges.
+    pub async fn summary(&self) -> Result<crate::store::StoreSummary, OpsError> {
+        let this = self.clone();
+        blocking(move || Ok(this.store.summary()?)).await
     }
 
     /// Whether the state dir can be written (a liveness probe).

@@ -71,6 +71,7 @@ impl Engine {
         let key = id.to_string();
         self.owned(&key, "stage", async move {
             blocking(move || {
+                let started = std::time::Instant::now();
                 let record = this.existing(&id)?;
                 let mounted = this.is_mounted_at(&record, &staging)?;
                 // Mounted anywhere but here (staged elsewhere, or a bind left behind): a second
@@ -87,7 +88,9 @@ impl Engine {
                     r.mount_path = Some(staging.clone());
                     r.flags = flags;
                 })?;
-                this.mount_volume(&record, &staging)?;
+                if this.mount_volume(&record, &staging)? {
+                    this.restore_seen(&record, started.elapsed());
+                }
                 Ok(record)
             })
             .await
@@ -263,7 +266,7 @@ impl Engine {
                         let vid = id.clone();
                         let rec = blocking(move || engine.existing(&vid)).await?;
                         let allow = rec.policy.publish_when.allows(&rec.pods);
-                        Unpublished::Released(this.release_now(&id, allow).await?)
+                        Unpublished::Released(this.release_now(&id, allow, !allow).await?)
                     } else {
                         let engine = this.clone();
                         let tt = t.clone();
@@ -312,7 +315,7 @@ impl Engine {
             if !allow {
                 tracing::info!(pods = ?record.pods, "publishWhen: not every pod that used the volume succeeded");
             }
-            this.release_now(&id, allow).await
+            this.release_now(&id, allow, !allow).await
         })
         .await
     }

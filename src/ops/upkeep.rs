@@ -139,13 +139,23 @@ impl Engine {
             Err(outcome) => return Ok(outcome),
         };
         let lock_err = |source| OpsError::CacheLock { cache: key.clone(), source };
-        let guard = self.lock.acquire(key, self.lock_timeout).await.map_err(lock_err)?;
+        let guard = match self.lock.acquire(key, self.lock_timeout).await {
+            Ok(guard) => guard,
+            Err(e) => {
+                self.metrics.lock_failed(super::lock_kind(&e));
+                return Err(lock_err(e));
+            }
+        };
         let this = self.clone();
         let finished = match guard.ensure_held() {
             Ok(()) => blocking(move || Ok(this.store.squash_finish(squashed)?)).await,
             Err(e) => Err(lock_err(e)),
         };
         let _ = guard.release().await;
+        if let Ok(SquashOutcome::Squashed { .. }) = &finished {
+            self.metrics.squashed();
+            self.metrics.layer_created();
+        }
         finished
     }
 
@@ -183,6 +193,7 @@ impl Engine {
             Ok(report)
         })
         .await?;
+        self.metrics.collected(evicted.len(), report.layers_removed.len(), report.bytes_freed);
         Ok((evicted, report))
     }
 

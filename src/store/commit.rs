@@ -19,6 +19,9 @@ use crate::failpoint;
 pub enum NotPublished {
     /// The volume's policy or the caller forbids publishing.
     NotAllowed,
+    /// `publishWhen=on-success`, and a pod that used the volume did not succeed (or its
+    /// outcome could not be read).
+    JobFailed,
     /// The job changed nothing.
     Unchanged,
     /// The delta is bigger than the volume's `maxBytes`.

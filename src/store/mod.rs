@@ -141,6 +141,24 @@ pub struct CacheInfo {
     pub volumes: usize,
 }
 
+/// The whole store at a glance, for the metrics gauges; sizes come from [`Store::cache_info`],
+/// as `cache ls` prints them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreSummary {
+    /// Caches with a version.
+    pub caches: u64,
+    /// Layers HEADs name (each counted once, even when caches share it).
+    pub layers: u64,
+    /// Bytes of those layers.
+    pub bytes: u64,
+    /// Volumes on this node.
+    pub volumes: u64,
+    /// Layers of the deepest cache.
+    pub deepest: u64,
+    /// Seconds the oldest promoted change has waited for its HEAD (0: none waiting).
+    pub oldest_pending_secs: u64,
+}
+
 impl Store {
     /// Opens (and creates) the store at `layout`'s root.
     pub fn open(layout: Layout) -> Result<Self, StoreError> {
@@ -472,6 +490,35 @@ impl Store {
             }
         }
         out.sort();
+        Ok(out)
+    }
+
+    /// Counts for the metrics: caches, layers and bytes as `cache ls` computes them.
+    pub fn summary(&self) -> Result<StoreSummary, StoreError> {
+        let mut out = StoreSummary::default();
+        let mut seen = std::collections::BTreeSet::new();
+        for key in self.caches()? {
+            let info = self.cache_info(&key)?;
+            if info.version == 0 {
+                continue;
+            }
+            out.caches += 1;
+            out.deepest = out.deepest.max(info.layers.len() as u64);
+            for layer in info.layers {
+                if seen.insert(layer.clone()) {
+                    out.layers += 1;
+                    out.bytes += self.layer(&layer)?.map_or(0, |r| r.bytes);
+                }
+            }
+        }
+        let now = now_unix();
+        for volume in self.volumes()? {
+            out.volumes += 1;
+            if let Some(layer) = volume.pending.filter(|_| volume.decision.is_none()) {
+                let created = self.layer(&layer)?.map_or(now, |r| r.created_unix);
+                out.oldest_pending_secs = out.oldest_pending_secs.max(now.saturating_sub(created));
+            }
+        }
         Ok(out)
     }
 
