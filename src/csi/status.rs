@@ -79,6 +79,8 @@ fn lock_code(e: &LockError) -> Code {
     match e {
         // The API server may be briefly away; the caller retries with the change kept.
         LockError::Timeout { .. } | LockError::Lost { .. } | LockError::Api { .. } => Code::Unavailable,
+        // Retrying cannot help until an administrator fixes RBAC, the namespace or a policy.
+        LockError::Config { .. } => Code::FailedPrecondition,
         LockError::Io { .. } => Code::Internal,
     }
 }
@@ -181,6 +183,14 @@ mod tests {
                 }
                 .into(),
                 Code::Unavailable,
+            ),
+            (
+                OpsError::Lock {
+                    volume: vol(),
+                    source: LockError::Config { cache: cache(), op: "create lease", message: "403".into() },
+                }
+                .into(),
+                Code::FailedPrecondition,
             ),
             (
                 OpsError::CacheLock {

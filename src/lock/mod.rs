@@ -21,9 +21,15 @@ pub enum LockError {
     /// The lock was lost while held (an expired Lease); HEAD must not be written.
     #[error("cache {cache}: publish lock was lost while held")]
     Lost { cache: CacheKey },
-    /// The Kubernetes API refused, failed or did not answer in time.
+    /// The Kubernetes API kept failing or not answering until the lock's timeout, or refused a
+    /// request for a reason that is neither passing nor the cluster's setup (a bad request).
     #[error("cache {cache}: {op}: {message}")]
     Api { cache: CacheKey, op: &'static str, message: String },
+    /// The cluster is not set up for the driver: RBAC forbids a verb, the credentials are refused,
+    /// the cache's namespace does not exist, or the server rejects the Lease as invalid. Not
+    /// retried: only an administrator can fix it, and the message says what to change.
+    #[error("cache {cache}: {op}: {message}")]
+    Config { cache: CacheKey, op: &'static str, message: String },
     /// The lock file could not be opened or locked.
     #[error("cache {cache}: {op} {path}: {source}")]
     Io { cache: CacheKey, op: &'static str, path: PathBuf, source: std::io::Error },
@@ -48,7 +54,19 @@ pub trait LockGuard: Send + Sync {
 /// Backoff between attempts: grows from 5 ms to 100 ms, with jitter so waiters spread out.
 pub(crate) fn backoff(attempt: u32) -> Duration {
     let base = 5u64.saturating_mul(1 << attempt.min(5)).min(100);
-    let mut jitter = [0u8; 1];
+    with_jitter(base)
+}
+
+/// Backoff after a failed API call: grows from 100 ms to 1.6 s, so a struggling API server is
+/// not hammered by every waiting node, with jitter so the nodes do not retry in step.
+pub(crate) fn api_backoff(failures: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << failures.min(4));
+    with_jitter(base)
+}
+
+/// `base` milliseconds plus up to half as much again, at random.
+fn with_jitter(base: u64) -> Duration {
+    let mut jitter = [0u8; 2];
     let _ = getrandom::fill(&mut jitter);
-    Duration::from_millis(base + u64::from(jitter[0]) % (base / 2 + 1))
+    Duration::from_millis(base + u64::from(u16::from_le_bytes(jitter)) % (base / 2 + 1))
 }
