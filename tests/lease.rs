@@ -56,7 +56,7 @@ fn holder(api: &fake_api::FakeApi) -> Value {
     api.lease("ci", &lease_name(&cache())).expect("the Lease exists")["spec"]["holderIdentity"].clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn first_acquire_creates_and_release_clears_the_holder() {
     let (api, client) = fake_api::start().await;
     let lock = LeaseLock::new(client, "node-a/1".into(), timing(15));
@@ -73,7 +73,7 @@ async fn first_acquire_creates_and_release_clears_the_holder() {
     assert_eq!(lease["metadata"]["labels"]["app.kubernetes.io/managed-by"], "jobcachefs");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn contending_holders_take_turns_one_at_a_time() {
     let (api, client) = fake_api::start().await;
     let inside = Arc::new(AtomicUsize::new(0));
@@ -100,7 +100,7 @@ async fn contending_holders_take_turns_one_at_a_time() {
     assert!(api.writes.load(Ordering::SeqCst) >= 24, "each turn took and released the Lease");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_waiter_times_out_while_the_lease_is_held_and_renewed() {
     let (api, client) = fake_api::start().await;
     let a = LeaseLock::new(client.clone(), "node-a/1".into(), timing(2));
@@ -116,7 +116,7 @@ async fn a_waiter_times_out_while_the_lease_is_held_and_renewed() {
     b.acquire(&cache(), Duration::from_secs(1)).await.expect("free after release");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_dead_holder_is_taken_over_after_expiry() {
     let (api, client) = fake_api::start().await;
     let a = LeaseLock::new(client.clone(), "node-a/1".into(), timing(1));
@@ -132,7 +132,7 @@ async fn a_dead_holder_is_taken_over_after_expiry() {
     guard.release().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_holder_with_a_skewed_clock_is_taken_over_after_exactly_the_lease_duration() {
     let hour = SignedDuration::from_hours(1);
     for (clock, renewed) in [("ahead", Timestamp::now() + hour), ("behind", Timestamp::now() - hour)] {
@@ -154,7 +154,7 @@ async fn a_holder_with_a_skewed_clock_is_taken_over_after_exactly_the_lease_dura
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_live_holder_whose_renew_time_looks_old_is_not_taken_over() {
     let (api, client) = fake_api::start().await;
     let behind = SignedDuration::from_hours(1);
@@ -188,7 +188,7 @@ async fn a_live_holder_whose_renew_time_looks_old_is_not_taken_over() {
     guard.release().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn transient_api_failures_during_acquire_are_ridden_out() {
     let (api, client) = fake_api::start().await;
     let lock = LeaseLock::new(client, "node-a/1".into(), timing(15));
@@ -204,7 +204,7 @@ async fn transient_api_failures_during_acquire_are_ridden_out() {
     guard.release().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_server_that_keeps_failing_ends_the_wait_with_the_last_failure() {
     let (api, client) = fake_api::start().await;
     let lock = LeaseLock::new(client, "node-a/1".into(), timing(15));
@@ -237,7 +237,7 @@ async fn a_refused_connection_is_retried_until_the_timeout_and_named() {
     assert!(text.contains("Connection refused"), "the cause is named: {text}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn rbac_denials_are_configuration_errors_naming_the_verb_at_once() {
     for verb in ["get", "create", "update"] {
         let (api, client) = fake_api::start().await;
@@ -271,7 +271,7 @@ async fn rbac_denials_are_configuration_errors_naming_the_verb_at_once() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_missing_namespace_is_a_configuration_error_naming_it() {
     let (api, client) = fake_api::start().await;
     api.set_namespaces(&["default", "kube-system"]);
@@ -284,7 +284,7 @@ async fn a_missing_namespace_is_a_configuration_error_naming_it() {
     assert_eq!(api.requests().len(), 2, "not retried: {:?}", api.requests());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn revoked_credentials_are_a_configuration_error() {
     let (api, client) = fake_api::start().await;
     api.unauthorized.store(true, Ordering::SeqCst);
@@ -294,7 +294,7 @@ async fn revoked_credentials_are_a_configuration_error() {
     assert!(err.to_string().contains("does not accept the driver's credentials (401 Unauthorized)"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn tricky_cache_names_get_leases_the_strict_server_accepts() {
     let (api, client) = fake_api::start().await;
     let lock = LeaseLock::new(client, "node-a/1".into(), timing(15));
@@ -309,7 +309,7 @@ async fn tricky_cache_names_get_leases_the_strict_server_accepts() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn the_fake_answers_like_kube_apiserver() {
     let (api, client) = fake_api::start().await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), "ci");
@@ -360,7 +360,7 @@ async fn the_fake_answers_like_kube_apiserver() {
     assert!(s.message.ends_with(denial), "{}", s.message);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn micro_time_round_trips_in_the_real_format() {
     let (api, client) = fake_api::start().await;
     let path = "/apis/coordination.k8s.io/v1/namespaces/ci/leases";
@@ -394,7 +394,7 @@ async fn micro_time_round_trips_in_the_real_format() {
     assert!(api.lease("ci", "u").is_none(), "nothing malformed was stored");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_lease_lost_mid_section_is_reported_before_head_is_written() {
     let (api, client) = fake_api::start().await;
     let lock = LeaseLock::new(client, "node-a/1".into(), timing(1));
@@ -407,7 +407,7 @@ async fn a_lease_lost_mid_section_is_reported_before_head_is_written() {
     api.fail_next.store(0, Ordering::SeqCst);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_held_lease_rides_out_failed_renewals() {
     let (api, client) = fake_api::start().await;
     let lock = LeaseLock::new(client, "node-a/1".into(), timing(3));
