@@ -135,6 +135,7 @@ impl Released {
                 NotPublished::Unchanged => "nothing_changed",
                 NotPublished::TooBig { .. } => "over_limit",
                 NotPublished::DeadlinePassed { .. } => "deadline_passed",
+                NotPublished::LockUnusable { .. } => "failed",
                 NotPublished::NoSpace => "no_space",
             },
         }
@@ -159,6 +160,9 @@ impl std::fmt::Display for Released {
                 write!(f, "not published: publishing is not allowed for this volume")
             }
             Released::NotPublished { why: NotPublished::Unchanged } => write!(f, "not published: nothing changed"),
+            Released::NotPublished { why: NotPublished::LockUnusable { message } } => {
+                write!(f, "not published: the publish lock cannot be used: {message}")
+            }
             Released::NotPublished { why: NotPublished::JobFailed } => {
                 write!(f, "not published: a pod that used the volume did not succeed (publishWhen=on-success)")
             }
@@ -629,18 +633,29 @@ impl Engine {
         layer: &crate::store::LayerId,
         source: LockError,
     ) -> Result<Option<Released>, OpsError> {
+        // A lock that cannot be used at all (RBAC, a missing namespace) says so, not "busy".
+        let why = match &source {
+            LockError::Config { .. } => NotPublished::LockUnusable { message: source.to_string() },
+            _ => NotPublished::DeadlinePassed { after_secs: self.publish_deadline.unwrap_or_default().as_secs() },
+        };
+        let config = matches!(source, LockError::Config { .. });
+        let reason = source.to_string();
         let retry = OpsError::Lock { volume: id.clone(), source };
         let Some(deadline) = self.publish_deadline else { return Err(retry) };
         let this = self.clone();
         let (vid, layer) = (id.clone(), layer.clone());
-        let why = NotPublished::DeadlinePassed { after_secs: deadline.as_secs() };
         let gave_up = blocking(move || {
             let promoted = this.store.layer(&layer)?.map_or(0, |r| r.created_unix);
             let age = crate::store::head::now_unix().saturating_sub(promoted);
             if age < deadline.as_secs() {
                 return Err(retry);
             }
-            tracing::warn!(layer.id = %layer, age_secs = age, "publish deadline passed; change dropped");
+            if config {
+                tracing::error!(layer.id = %layer, age_secs = age, error = %reason,
+                    "publish deadline passed with the publish lock unusable; change dropped");
+            } else {
+                tracing::warn!(layer.id = %layer, age_secs = age, error = %reason, "publish deadline passed; change dropped");
+            }
             this.store.decide(&vid, Decision::Abandoned { why: why.clone() })?;
             crate::failpoint::hit("commit.after-decision");
             Ok(why)

@@ -368,3 +368,41 @@ async fn a_version_of_another_lifetime_is_stale() {
     let head = b.engine.store().head(&cache()).unwrap().unwrap();
     assert_eq!(head.layers.len(), 1, "the new lifetime holds only its own layer");
 }
+
+/// A lock the driver may not use at all, as a Lease without RBAC.
+struct ForbiddenLock;
+
+#[async_trait::async_trait]
+impl PublishLock for ForbiddenLock {
+    async fn acquire(&self, cache: &CacheKey, _timeout: Duration) -> Result<Box<dyn LockGuard>, LockError> {
+        Err(LockError::Config {
+            cache: cache.clone(),
+            op: "create lease",
+            message: "the driver's service account may not `create` leases".into(),
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_unusable_lock_is_retried_then_dropped_past_the_deadline_saying_why() {
+    let b = bed_with_lock(|_| Arc::new(ForbiddenLock));
+    let mut req = pvc("v1");
+    req.mount_path = Some(b.path("t"));
+    b.engine.restore(req).await.expect("restore");
+    b.job_writes("v1", "a.txt");
+    // Before the deadline: the caller retries with the change kept (an admin may fix RBAC).
+    let err = b.engine.clone().with_publish_deadline(Duration::from_secs(3600)).release(&vid("v1"), true).await;
+    let err = err.expect_err("retry while the deadline has not passed");
+    assert!(matches!(&err, OpsError::Lock { source: LockError::Config { .. }, .. }), "{err}");
+    assert!(err.to_string().contains("may not `create` leases"), "{err}");
+    // Past it: dropped, and the outcome names the lock, not a busy one.
+    let released = b.engine.clone().with_publish_deadline(Duration::ZERO).release(&vid("v1"), true).await;
+    let released = released.expect("a cache never fails a job").expect("released");
+    assert!(
+        matches!(&released, Released::NotPublished { why: NotPublished::LockUnusable { message } } if message.contains("create")),
+        "{released:?}"
+    );
+    assert!(released.to_string().contains("the publish lock cannot be used"), "{released}");
+    assert_eq!(released.outcome(0), "failed");
+    assert_eq!(b.version(), 0);
+}

@@ -170,9 +170,21 @@ impl Engine {
         let candidates =
             blocking(move || Ok(this.store.eviction_candidates(max_idle.map(|d| d.as_secs()), budget)?)).await?;
         let mut evicted = Vec::new();
+        let mut warned = false;
         for key in candidates {
             // A cache being published right now is in use: leave it for the next run.
-            let Ok(guard) = self.lock.acquire(&key, Duration::from_millis(200)).await else { continue };
+            let guard = match self.lock.acquire(&key, Duration::from_millis(200)).await {
+                Ok(guard) => guard,
+                Err(crate::lock::LockError::Timeout { .. }) => continue,
+                Err(e) => {
+                    self.metrics.lock_failed(super::lock_kind(&e));
+                    // Once per run: with the lock unusable, nothing would ever be evicted.
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::warn!(error = %e, "eviction: cannot take publish locks; caches kept");
+                    }
+                    continue;
+                }
+            };
             let this = self.clone();
             let k = key.clone();
             let removed = blocking(move || Ok(this.store.remove_cache(&k)?)).await;

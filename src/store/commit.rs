@@ -30,6 +30,9 @@ pub enum NotPublished {
     DeadlinePassed { after_secs: u64 },
     /// The state dir's filesystem is full; the delta was dropped to give the space back.
     NoSpace,
+    /// The publish lock could not be used at all (RBAC, a missing namespace) until the
+    /// publish deadline; the delta was dropped.
+    LockUnusable { message: String },
 }
 
 /// An upper directory that became a layer and waits for HEAD.
