@@ -682,7 +682,8 @@ async fn serve_command(engine: Engine, args: ServeArgs) -> Result<ExitCode, CliE
         inline_publish: args.allow_inline_publish.into_iter().collect(),
         config_file: args.config,
         cluster: client.map(|c| {
-            Arc::new(crate::cluster::KubeCluster::new(c, Duration::from_secs(5))) as Arc<dyn crate::cluster::Cluster>
+            Arc::new(crate::cluster::KubeCluster::new(c, Duration::from_secs(5)).with_events(&args.node_id))
+                as Arc<dyn crate::cluster::Cluster>
         }),
     };
     let maintenance = crate::csi::Maintenance {

@@ -242,3 +242,147 @@ async fn a_pvc_publishes_only_if_its_pod_succeeded_by_default() {
     assert_eq!(version(&sb, "ci", "gradle"), 2, "publishWhen=always publishes a failed pod's change");
     assert_eq!(files(&store), ["failed.txt", "passed.txt"]);
 }
+
+/// Waits (up to 10 s) until the fake API server holds `n` Events: they are written in the
+/// background, after the CSI call has answered.
+async fn events(api: &fake_api::FakeApi, n: usize) -> Vec<serde_json::Value> {
+    for _ in 0..200 {
+        let got = api.events();
+        if got.len() >= n {
+            return got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("expected {n} Events, got {:#?}", api.events());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_tell_users_what_happened_to_their_cache() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (api, url) = fake_api::start_http().await;
+    let pvc = |name: &str, uid: &str| json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": "ci", "uid": uid}});
+    api.put_object("/api/v1/namespaces/ci/persistentvolumeclaims/build-a", pvc("build-a", "uid-pvc-a"));
+    let mut ok = pod("Succeeded", Some(0));
+    ok["metadata"] = json!({"name": "ok-1", "namespace": "ci", "uid": "uid-pod-1"});
+    api.put_object("/api/v1/namespaces/ci/pods/ok-1", ok);
+    let kc = fake_api::kubeconfig(sb.dir.path(), &url);
+    let (server, channel) = serve(&sb, &kc, &["--allow-inline-publish", "ci"]).await;
+    let mut node = pb::node_client::NodeClient::new(channel.clone());
+    let mut controller = pb::controller_client::ControllerClient::new(channel.clone());
+
+    // A PVC: restored (empty) at NodeStage, published at DeleteVolume; both on the PVC.
+    let params: HashMap<String, String> = [
+        ("cacheName", "npm"),
+        ("publishWhen", "always"),
+        ("csi.storage.k8s.io/pvc/name", "build-a"),
+        ("csi.storage.k8s.io/pvc/namespace", "ci"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let vol = controller
+        .create_volume(pb::CreateVolumeRequest {
+            name: "pvc-a".into(),
+            volume_capabilities: vec![mount_cap()],
+            parameters: params,
+            ..Default::default()
+        })
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .unwrap();
+    let staging = sb.dir.path().join("plugins/staging/pvc-a");
+    node.node_stage_volume(pb::NodeStageVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(mount_cap()),
+        volume_context: vol.volume_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("NodeStage");
+    std::fs::write(staging.join("index.json"), "{}").unwrap();
+    node.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+    })
+    .await
+    .expect("NodeUnstage");
+    controller
+        .delete_volume(pb::DeleteVolumeRequest { volume_id: vol.volume_id.clone(), ..Default::default() })
+        .await
+        .expect("DeleteVolume");
+    let got = events(&api, 2).await;
+    let on = |e: &serde_json::Value| {
+        (
+            e["involvedObject"]["kind"].as_str().unwrap_or("").to_string(),
+            e["involvedObject"]["name"].as_str().unwrap_or("").to_string(),
+            e["involvedObject"]["uid"].as_str().unwrap_or("").to_string(),
+            e["reason"].as_str().unwrap_or("").to_string(),
+            e["type"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let pvc_uid = "uid-pvc-a".to_string();
+    assert_eq!(
+        on(&got[0]),
+        ("PersistentVolumeClaim".into(), "build-a".into(), pvc_uid.clone(), "CacheRestored".into(), "Normal".into())
+    );
+    assert!(got[0]["message"].as_str().unwrap().contains("cache ci/npm has no version yet"), "{}", got[0]);
+    assert_eq!(
+        on(&got[1]),
+        ("PersistentVolumeClaim".into(), "build-a".into(), pvc_uid, "CachePublished".into(), "Normal".into())
+    );
+    assert!(got[1]["message"].as_str().unwrap().contains("published cache ci/npm v1"), "{}", got[1]);
+    assert_eq!(got[1]["reportingComponent"], "jobcachefs.dev");
+    assert_eq!(got[1]["source"]["host"], "node-1");
+
+    // Inline volumes: Events on the pod, with its uid. Two from v1: one publishes, one is stale.
+    let attrs = [("cacheName", "npm"), ("publishWhen", "always")];
+    let (ta, tb) = (sb.dir.path().join("pods/a/mount"), sb.dir.path().join("pods/b/mount"));
+    csi_server::inline_publish(&mut node, "csi-e1", &ta, "ci", "ok-1", &attrs).await;
+    csi_server::inline_publish(&mut node, "csi-e2", &tb, "ci", "ok-1", &attrs).await;
+    std::fs::write(ta.join("a"), "a").unwrap();
+    std::fs::write(tb.join("b"), "b").unwrap();
+    csi_server::inline_unpublish(&mut node, "csi-e1", &ta).await;
+    csi_server::inline_unpublish(&mut node, "csi-e2", &tb).await;
+    let got = events(&api, 6).await;
+    let pod_events: Vec<_> = got[2..].iter().map(on).collect();
+    assert!(pod_events.iter().all(|e| e.0 == "Pod" && e.1 == "ok-1" && e.2 == "uid-pod-1"), "{pod_events:?}");
+    let reasons: Vec<&str> = got[2..].iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["CacheRestored", "CacheRestored", "CachePublished", "CachePublishSkipped"]);
+    assert!(got[2]["message"].as_str().unwrap().contains("restored cache ci/npm v1 (1 layers"), "{}", got[2]);
+    assert!(got[5]["message"].as_str().unwrap().contains("base 1 is stale, current is 2"), "{}", got[5]);
+
+    // A fallback restore says so.
+    let fb = sb.dir.path().join("pods/c/mount");
+    let fattrs = [("cacheName", "pr-7"), ("fallbackCaches", "npm"), ("publish", "false")];
+    csi_server::inline_publish(&mut node, "csi-e3", &fb, "ci", "ok-1", &fattrs).await;
+    let got = events(&api, 7).await;
+    assert_eq!(got[6]["reason"], "CacheFallback");
+    assert!(
+        got[6]["message"].as_str().unwrap().contains("cache ci/pr-7 has no version yet: restored ci/npm v2"),
+        "{}",
+        got[6]
+    );
+    csi_server::inline_unpublish(&mut node, "csi-e3", &fb).await;
+    let got = events(&api, 8).await;
+    assert!(got[7]["message"].as_str().unwrap().contains("not allowed"), "{}", got[7]);
+
+    // An API server that refuses Events changes nothing for the CSI calls, and says so once.
+    api.forbid_events.store(true, std::sync::atomic::Ordering::SeqCst);
+    for n in 0..3 {
+        let t = sb.dir.path().join(format!("pods/f{n}/mount"));
+        let id = format!("csi-f{n}");
+        csi_server::inline_publish(&mut node, &id, &t, "ci", "ok-1", &attrs).await;
+        csi_server::inline_unpublish(&mut node, &id, &t).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(api.events().len(), 8, "refused Events are not stored");
+    assert_eq!(version(&sb, "ci", "npm"), 2, "nothing published (no change), nothing failed");
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert_eq!(log.matches("cannot write Events").count(), 1, "logged once, not per call:\n{log}");
+}

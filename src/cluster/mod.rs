@@ -1,10 +1,14 @@
-//! Kubernetes look-ups the driver needs: a PVC's cache-name annotation and whether a pod
-//! succeeded. (Named `cluster`, not `kube`, so it does not shadow the kube crate.)
+//! Kubernetes look-ups and writes the driver needs: a PVC's cache-name annotation, whether a
+//! pod succeeded, and the Events that tell users what happened to their cache. (Named
+//! `cluster`, not `kube`, so it does not shadow the kube crate.)
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use kube::api::Api;
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, PersistentVolumeClaim, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Api, PostParams};
 
 /// The PVC annotation that names a cache when the StorageClass does not.
 pub const CACHE_NAME_ANNOTATION: &str = "jobcachefs.dev/cache-name";
@@ -33,6 +37,28 @@ pub enum PodOutcome {
     Gone,
 }
 
+/// The object an Event is about: the one `kubectl describe` shows it on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventTarget {
+    /// `PersistentVolumeClaim` or `Pod`.
+    pub kind: &'static str,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+/// One thing that happened to a cache, as an Event's reason and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheEvent {
+    /// `CacheRestored`, `CacheFallback`, `CachePublished` or `CachePublishSkipped`.
+    pub reason: &'static str,
+    /// What happened, for people.
+    pub message: String,
+    /// A Warning rather than a Normal event (a change dropped for a reason to act on).
+    pub warning: bool,
+}
+
 /// The Kubernetes look-ups, behind a trait so a driver without cluster access can say so.
 #[async_trait::async_trait]
 pub trait Cluster: Send + Sync {
@@ -40,18 +66,40 @@ pub trait Cluster: Send + Sync {
     async fn pvc_annotation(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, ClusterError>;
     /// How pod namespace/name ended.
     async fn pod_outcome(&self, namespace: &str, name: &str) -> Result<PodOutcome, ClusterError>;
+    /// Records an Event on `target` without waiting: never delays or fails the caller.
+    fn event(&self, _target: EventTarget, _event: CacheEvent) {}
 }
+
+/// Events waiting to be written; beyond this many the newest are dropped (and counted in
+/// the log), so a slow API server cannot make the driver's memory grow.
+const EVENT_QUEUE: usize = 256;
 
 /// The real cluster, through kube-rs.
 pub struct KubeCluster {
     client: kube::Client,
     timeout: Duration,
+    events: Option<tokio::sync::mpsc::Sender<(EventTarget, CacheEvent)>>,
 }
 
 impl KubeCluster {
     /// Look-ups through `client`, each under `timeout`.
     pub fn new(client: kube::Client, timeout: Duration) -> Self {
-        Self { client, timeout }
+        Self { client, timeout, events: None }
+    }
+
+    /// Also writes Events, reported as coming from `node`, from a task of its own (must be
+    /// called inside a tokio runtime).
+    pub fn with_events(mut self, node: &str) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+        let writer = EventWriter {
+            client: self.client.clone(),
+            timeout: self.timeout,
+            node: node.to_string(),
+            refused: Arc::new(AtomicBool::new(false)),
+        };
+        tokio::spawn(writer.run(rx));
+        self.events = Some(tx);
+        self
     }
 
     async fn get<K>(&self, kind: &'static str, namespace: &str, name: &str) -> Result<Option<K>, ClusterError>
@@ -116,6 +164,110 @@ impl Cluster for KubeCluster {
     async fn pod_outcome(&self, namespace: &str, name: &str) -> Result<PodOutcome, ClusterError> {
         let pod: Option<Pod> = self.get("pod", namespace, name).await?;
         Ok(pod.as_ref().map_or(PodOutcome::Gone, outcome_of))
+    }
+
+    fn event(&self, target: EventTarget, event: CacheEvent) {
+        let Some(tx) = &self.events else { return };
+        if tx.try_send((target, event)).is_err() {
+            tracing::debug!("event queue full; an Event was dropped");
+        }
+    }
+}
+
+/// Writes Events one at a time, off every request's path.
+struct EventWriter {
+    client: kube::Client,
+    timeout: Duration,
+    node: String,
+    /// Whether the API server's last answer was a refusal: logged once, not per event.
+    refused: Arc<AtomicBool>,
+}
+
+impl EventWriter {
+    async fn run(self, mut rx: tokio::sync::mpsc::Receiver<(EventTarget, CacheEvent)>) {
+        while let Some((target, event)) = rx.recv().await {
+            match tokio::time::timeout(self.timeout, self.write(&target, &event)).await {
+                Ok(Ok(())) => {
+                    if self.refused.swap(false, Ordering::SeqCst) {
+                        tracing::info!("the API server accepts Events again");
+                    }
+                }
+                Ok(Err(e)) => self.refused_once(&target, &e.to_string()),
+                Err(_) => self.refused_once(&target, &format!("no answer within {:?}", self.timeout)),
+            }
+        }
+    }
+
+    fn refused_once(&self, target: &EventTarget, why: &str) {
+        if !self.refused.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                kind = target.kind,
+                namespace = %target.namespace,
+                "cannot write Events ({why}); the driver needs create on events (logged once until one succeeds)"
+            );
+        }
+    }
+
+    /// The uid makes `kubectl describe` find the Event; the object may already be gone.
+    async fn uid(&self, target: &EventTarget) -> Option<String> {
+        match target.kind {
+            "Pod" => Api::<Pod>::namespaced(self.client.clone(), &target.namespace)
+                .get_opt(&target.name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|p| p.metadata.uid),
+            _ => Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &target.namespace)
+                .get_opt(&target.name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|p| p.metadata.uid),
+        }
+    }
+
+    async fn write(&self, target: &EventTarget, event: &CacheEvent) -> Result<(), kube::Error> {
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let suffix = format!("{:x}", now.0.as_nanosecond());
+        let mut message = event.message.clone();
+        // The API server refuses messages over 1 KiB.
+        if message.len() > 1024 {
+            let mut end = 1021;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("...");
+        }
+        let ev = Event {
+            metadata: ObjectMeta {
+                name: Some(format!("{}.{suffix}", target.name)),
+                namespace: Some(target.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some(target.kind.into()),
+                namespace: Some(target.namespace.clone()),
+                name: Some(target.name.clone()),
+                uid: self.uid(target).await,
+                ..ObjectReference::default()
+            },
+            reason: Some(event.reason.into()),
+            message: Some(message),
+            type_: Some(if event.warning { "Warning" } else { "Normal" }.into()),
+            source: Some(EventSource { component: Some("jobcachefs".into()), host: Some(self.node.clone()) }),
+            reporting_component: Some(crate::csi::PLUGIN_NAME.into()),
+            reporting_instance: Some(self.node.clone()),
+            first_timestamp: Some(now.clone()),
+            last_timestamp: Some(now),
+            count: Some(1),
+            ..Event::default()
+        };
+        Api::<Event>::namespaced(self.client.clone(), &target.namespace)
+            .create(&PostParams::default(), &ev)
+            .await
+            .map(drop)
     }
 }
 

@@ -42,6 +42,13 @@ fn granted(range: Option<&pb::CapacityRange>, node_bytes: u64) -> Result<u64, Cs
     Ok(if req > 0 { req as u64 } else { lim as u64 })
 }
 
+/// The PVC the provisioner names (`--extra-create-metadata`), for Events users can see.
+fn pvc_of(parameters: &std::collections::HashMap<String, String>) -> Option<(String, String)> {
+    let namespace = parameters.get("csi.storage.k8s.io/pvc/namespace")?;
+    let name = parameters.get("csi.storage.k8s.io/pvc/name")?;
+    Some((namespace.clone(), name.clone()))
+}
+
 #[tonic::async_trait]
 impl Controller for ControllerService {
     async fn create_volume(
@@ -83,6 +90,7 @@ impl Controller for ControllerService {
                     parameters: params.given.clone(),
                     ephemeral: false,
                     pod: None,
+                    pvc: pvc_of(&req.parameters),
                 }),
                 flags: crate::mount::MountOptions::default(),
                 root: params.root,

@@ -24,7 +24,7 @@ use tracing::{Instrument, Span};
 pub use node::{Unpublished, VolumeStats};
 pub use upkeep::Background;
 
-use crate::cluster::Cluster;
+use crate::cluster::{CacheEvent, Cluster, EventTarget};
 use crate::lock::{LockError, PublishLock};
 use crate::metrics::{Metrics, RestoreResult};
 use crate::mount::{MountError, Mounter, OverlaySpec, UpperDirs};
@@ -195,6 +195,7 @@ pub struct Engine {
     pods: Option<Arc<dyn Cluster>>,
     background: upkeep::Squasher,
     metrics: Arc<Metrics>,
+    usage: node::UsageCache,
 }
 
 /// Runs blocking store or mount work off the async threads, inside the caller's span.
@@ -215,6 +216,36 @@ pub fn unmount_patiently(mounter: &dyn Mounter, path: &Path) -> Result<(), Mount
                 std::thread::sleep(Duration::from_millis(20));
             }
             other => return other.map(|_| ()),
+        }
+    }
+}
+
+/// The Event a release ends with.
+fn release_event(cache: &CacheKey, released: &Released, took: Duration) -> CacheEvent {
+    let ms = took.as_millis();
+    match released {
+        Released::Committed { version, bytes, files, .. } => CacheEvent {
+            reason: "CachePublished",
+            message: format!(
+                "published cache {cache} v{version} ({}, {files} files) in {ms} ms",
+                bytesize::ByteSize(*bytes).display().iec()
+            ),
+            warning: false,
+        },
+        other => {
+            // A change dropped for a reason someone should act on is a Warning.
+            let warning = matches!(
+                other,
+                Released::NotPublished {
+                    why: NotPublished::TooBig { .. }
+                        | NotPublished::DeadlinePassed { .. }
+                        | NotPublished::NoSpace
+                        | NotPublished::LockUnusable { .. }
+                }
+            );
+            let why = other.to_string();
+            let why = why.strip_prefix("not published: ").unwrap_or(&why);
+            CacheEvent { reason: "CachePublishSkipped", message: format!("cache {cache}: {why}"), warning }
         }
     }
 }
@@ -246,6 +277,7 @@ impl Engine {
             pods: None,
             background: upkeep::Squasher::default(),
             metrics: Arc::new(Metrics::default()),
+            usage: node::UsageCache::default(),
         }
     }
 
@@ -361,7 +393,8 @@ impl Engine {
         Ok(restored)
     }
 
-    /// Counts a volume that was just mounted (a repeated call mounts nothing and counts nothing).
+    /// Counts a volume that was just mounted (a repeated call mounts nothing and counts
+    /// nothing) and tells the user on the PVC or pod.
     fn restore_seen(&self, record: &VolumeRecord, took: Duration) {
         let result = if record.base.layers.is_empty() {
             RestoreResult::miss
@@ -371,6 +404,72 @@ impl Engine {
             RestoreResult::hit
         };
         self.metrics.restored(&record.cache, result, took);
+        if self.pods.is_none() {
+            return;
+        }
+        let (mut files, mut bytes) = (0, 0);
+        for layer in &record.base.layers {
+            if let Ok(Some(rec)) = self.store.layer(layer) {
+                files += rec.files;
+                bytes += rec.bytes;
+            }
+        }
+        let what = format!(
+            "v{} ({} layers, {files} files, {})",
+            record.base.from_version,
+            record.base.layers.len(),
+            bytesize::ByteSize(bytes).display().iec()
+        );
+        let ms = took.as_millis();
+        let event = match result {
+            RestoreResult::hit => CacheEvent {
+                reason: "CacheRestored",
+                message: format!("restored cache {} {what} in {ms} ms", record.cache),
+                warning: false,
+            },
+            RestoreResult::fallback => CacheEvent {
+                reason: "CacheFallback",
+                message: format!(
+                    "cache {} has no version yet: restored {} {what} in {ms} ms",
+                    record.cache, record.base.from
+                ),
+                warning: false,
+            },
+            RestoreResult::miss if record.policy.fresh => CacheEvent {
+                reason: "CacheRestored",
+                message: format!(
+                    "cache {}: ignoreCache, the volume starts empty and its publish replaces the cache",
+                    record.cache
+                ),
+                warning: false,
+            },
+            RestoreResult::miss => CacheEvent {
+                reason: "CacheRestored",
+                message: format!("cache {} has no version yet: the volume starts empty", record.cache),
+                warning: false,
+            },
+        };
+        self.emit(record, event);
+    }
+
+    /// Sends an Event to the object a user looks at for this volume: its PVC, or the pod of an
+    /// inline volume. Never waits.
+    fn emit(&self, record: &VolumeRecord, event: CacheEvent) {
+        let Some(cluster) = &self.pods else { return };
+        let request = record.request.as_ref();
+        let target = match (request.and_then(|r| r.pvc.as_ref()), request.and_then(|r| r.pod.as_ref())) {
+            (Some((namespace, name)), _) => {
+                EventTarget { kind: "PersistentVolumeClaim", namespace: namespace.clone(), name: name.clone() }
+            }
+            (None, Some((namespace, name))) => {
+                EventTarget { kind: "Pod", namespace: namespace.clone(), name: name.clone() }
+            }
+            (None, None) => match record.pods.first() {
+                Some(p) => EventTarget { kind: "Pod", namespace: p.namespace.clone(), name: p.name.clone() },
+                None => return,
+            },
+        };
+        cluster.event(target, event);
     }
 
     /// Creates (pins) a volume without mounting it yet; idempotent for the same request.
@@ -469,8 +568,12 @@ impl Engine {
         let started = std::time::Instant::now();
         let record = self.store.volume(id).ok().flatten();
         let may_publish = record.as_ref().is_some_and(|r| r.policy.publish && !r.policy.read_only);
-        let cache = record.map(|r| (r.cache, r.base.version));
-        let released = self.commit(id, allow).await.map(|r| {
+        let cache = record.as_ref().map(|r| (r.cache.clone(), r.base.version));
+        let released = self.commit(id, allow).await;
+        if released.is_ok() {
+            self.usage.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        }
+        let released = released.map(|r| {
             r.map(|r| match r {
                 Released::NotPublished { why: NotPublished::NotAllowed } if pods_vetoed && may_publish => {
                     Released::NotPublished { why: NotPublished::JobFailed }
@@ -489,6 +592,9 @@ impl Engine {
                     self.metrics.released(&cache, r.outcome(base), bytes, took);
                     if let Released::Committed { .. } = r {
                         self.metrics.layer_created();
+                    }
+                    if let Some(record) = &record {
+                        self.emit(record, release_event(&cache, r, took));
                     }
                 }
                 Ok(None) => {}

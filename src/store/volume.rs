@@ -192,6 +192,9 @@ pub struct VolumeRequest {
     /// The pod an inline volume belongs to, as (namespace, name), for `publishWhen=on-success`.
     #[serde(default)]
     pub pod: Option<(String, String)>,
+    /// The PVC a persistent volume was made for, as (namespace, name): where its Events go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<(String, String)>,
 }
 
 impl VolumeRecord {

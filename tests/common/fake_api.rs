@@ -55,6 +55,10 @@ pub struct FakeApi {
     requests: Mutex<Vec<String>>,
     /// Other objects served read-only by their API path (PVCs, pods).
     objects: Mutex<HashMap<String, Value>>,
+    /// core/v1 Events created, in order.
+    events: Mutex<Vec<Value>>,
+    /// Refuse Event creation with 403, as without RBAC on events.
+    pub forbid_events: AtomicBool,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -192,6 +196,40 @@ impl FakeApi {
         self.requests.lock().unwrap().clone()
     }
 
+    /// The Events created so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// A core/v1 Event create, validated as kube-apiserver does for the fields we send.
+    fn create_event(&self, ns: &str, event: Value) -> Answer {
+        if self.forbid_events.load(Ordering::SeqCst) {
+            let message = format!(
+                "events is forbidden: User \"{USER}\" cannot create resource \"events\" in API group \"\" in the \
+                 namespace \"{ns}\""
+            );
+            return status(StatusCode::FORBIDDEN, "Forbidden", &message, Some(json!({"kind": "events"})));
+        }
+        if !self.namespace_exists(ns) {
+            return status(StatusCode::NOT_FOUND, "NotFound", &format!("namespaces \"{ns}\" not found"), None);
+        }
+        let name = event["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        if !is_dns1123_subdomain(&name) {
+            return invalid("Event", &name, "metadata.name", "a lowercase RFC 1123 subdomain");
+        }
+        if event["involvedObject"]["namespace"].as_str() != Some(ns) {
+            return invalid("Event", &name, "involvedObject.namespace", "does not match event.namespace");
+        }
+        if !matches!(event["type"].as_str(), Some("Normal" | "Warning")) {
+            return invalid("Event", &name, "type", "supported values: \"Normal\", \"Warning\"");
+        }
+        let mut stored = event;
+        stored["metadata"]["namespace"] = json!(ns);
+        stored["metadata"]["resourceVersion"] = json!(self.next_version());
+        self.events.lock().unwrap().push(stored.clone());
+        respond(StatusCode::CREATED, &stored)
+    }
+
     /// Serves `object` at `path` (e.g. /api/v1/namespaces/ci/pods/build-1) for GET.
     pub fn put_object(&self, path: &str, object: Value) {
         self.objects.lock().unwrap().insert(path.to_string(), object);
@@ -253,6 +291,22 @@ impl FakeApi {
             let message = "Internal error occurred: etcdserver: request timed out";
             let details = json!({"causes": [{"message": "etcdserver: request timed out"}]});
             return status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", message, Some(details));
+        }
+        let core: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        if req.method() == Method::POST
+            && core.len() == 5
+            && core[..3] == ["api", "v1", "namespaces"]
+            && core[4] == "events"
+        {
+            let ns = core[3].to_string();
+            let body = match req.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return bad_request(&format!("reading the request body: {e}")),
+            };
+            return match serde_json::from_slice::<Value>(&body) {
+                Ok(event @ Value::Object(_)) => self.create_event(&ns, event),
+                _ => bad_request("couldn't get version/kind; json parse error"),
+            };
         }
         if path.starts_with("/api/v1/") {
             return match (req.method(), self.objects.lock().unwrap().get(&path)) {
