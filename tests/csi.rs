@@ -472,6 +472,8 @@ async fn identity_capabilities_and_node_info() {
     let want: BTreeSet<i32> = [
         pb::node_service_capability::rpc::Type::StageUnstageVolume as i32,
         pb::node_service_capability::rpc::Type::GetVolumeStats as i32,
+        pb::node_service_capability::rpc::Type::VolumeMountGroup as i32,
+        pb::node_service_capability::rpc::Type::VolumeCondition as i32,
     ]
     .into();
     assert_eq!(rpcs, want, "node capabilities");

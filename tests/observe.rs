@@ -221,3 +221,93 @@ async fn metrics_count_a_scripted_lifecycle_exactly() {
     assert_eq!(v("jobcachefs_volumes", &[]), 0.0);
     assert!(!text.contains("cache=\""), "no cache names by default");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_stats_report_health_without_walking_the_upper_on_every_poll() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (_server, channel) =
+        csi_server::serve(sb.dir.path(), &sb.state, "node-a", &["--allow-inline-publish", "ci"], &[]).await;
+    let mut node = NodeClient::new(channel.clone());
+    let mut controller = pb::controller_client::ControllerClient::new(channel);
+    let dir = sb.dir.path().to_path_buf();
+    // A version to restore from, so the volume reads from a layer.
+    job(&mut node, &dir, 1, "ci", &[], |t| std::fs::write(t.join("base"), "base").unwrap()).await;
+
+    let params: HashMap<String, String> = [("cacheName", "npm"), ("csi.storage.k8s.io/pvc/namespace", "ci")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let vol = controller
+        .create_volume(pb::CreateVolumeRequest {
+            name: "pvc-h".into(),
+            volume_capabilities: vec![csi_server::mount_cap()],
+            parameters: params,
+            ..Default::default()
+        })
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .unwrap();
+    let staging = dir.join("plugins/staging/pvc-h");
+    node.node_stage_volume(pb::NodeStageVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(csi_server::mount_cap()),
+        volume_context: vol.volume_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("NodeStage");
+    let stats = |node: &mut NodeClient<Channel>| {
+        let req = pb::NodeGetVolumeStatsRequest {
+            volume_id: vol.volume_id.clone(),
+            volume_path: staging.to_string_lossy().into(),
+            ..Default::default()
+        };
+        let mut node = node.clone();
+        async move { node.node_get_volume_stats(req).await.expect("NodeGetVolumeStats").into_inner() }
+    };
+
+    std::fs::write(staging.join("a"), vec![b'a'; 10_000]).unwrap();
+    let first = stats(&mut node).await;
+    let condition = first.volume_condition.clone().expect("VOLUME_CONDITION is reported");
+    assert!(!condition.abnormal, "{condition:?}");
+    let used = first.usage[0].used;
+    assert!(used >= 10_000, "the upper's bytes: {first:?}");
+    assert!(first.usage[0].available > 0 && first.usage[0].total >= first.usage[0].available);
+    // Within the measurement's lifetime a poll does not walk the upper again: the number
+    // stays what it was (refreshed in the background after two minutes).
+    std::fs::write(staging.join("b"), vec![b'b'; 50_000]).unwrap();
+    assert_eq!(stats(&mut node).await.usage[0].used, used, "served from the last measurement");
+
+    // A layer deleted by hand: abnormal, naming it.
+    let head = sb.store().head(&jobcachefs::store::CacheKey::new("ci", "npm").unwrap()).unwrap().unwrap();
+    let layer = sb.layout().layer_dir(&head.layers[0]);
+    std::fs::remove_dir_all(&layer).unwrap();
+    let condition = stats(&mut node).await.volume_condition.unwrap();
+    assert!(condition.abnormal, "{condition:?}");
+    assert!(
+        condition.message.contains(head.layers[0].as_str()) && condition.message.contains("missing"),
+        "{condition:?}"
+    );
+
+    // The mount gone behind the driver's back: abnormal too.
+    nix::mount::umount2(&staging, nix::mount::MntFlags::empty()).expect("unmount by hand");
+    let condition = stats(&mut node).await.volume_condition.unwrap();
+    assert!(condition.abnormal && condition.message.contains("no longer mounted"), "{condition:?}");
+
+    // A path the volume never was at is still NOT_FOUND.
+    let err = node
+        .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+            volume_id: vol.volume_id.clone(),
+            volume_path: dir.join("elsewhere").to_string_lossy().into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("not there");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}

@@ -145,6 +145,7 @@ impl Node for NodeService {
                         parameters: params.given.clone(),
                         ephemeral: true,
                         pod: pod.clone(),
+                        pvc: None,
                     }),
                     flags,
                     root: params.root,
@@ -209,7 +210,10 @@ impl Node for NodeService {
                         unit: Unit::Inodes as i32,
                     },
                 ],
-                volume_condition: None,
+                volume_condition: Some(pb::VolumeCondition {
+                    abnormal: stats.abnormal.is_some(),
+                    message: stats.abnormal.unwrap_or_else(|| "healthy".into()),
+                }),
             })
         })
         .await
@@ -222,10 +226,11 @@ impl Node for NodeService {
         use node_service_capability::{rpc::Type, Rpc, Type as Cap};
         // VOLUME_MOUNT_GROUP: kubelet hands the pod's fsGroup to us instead of walking the
         // whole cache to chown it, which would copy every lower file up into the volume.
-        let capabilities = [Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeMountGroup]
-            .into_iter()
-            .map(|t| pb::NodeServiceCapability { r#type: Some(Cap::Rpc(Rpc { r#type: t as i32 })) })
-            .collect();
+        let capabilities =
+            [Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeMountGroup, Type::VolumeCondition]
+                .into_iter()
+                .map(|t| pb::NodeServiceCapability { r#type: Some(Cap::Rpc(Rpc { r#type: t as i32 })) })
+                .collect();
         Ok(Response::new(pb::NodeGetCapabilitiesResponse { capabilities }))
     }
 

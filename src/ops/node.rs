@@ -17,7 +17,7 @@ pub enum Unpublished {
 }
 
 /// Usage of a mounted volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeStats {
     /// Bytes the volume added (its upper).
     pub used_bytes: u64,
@@ -31,7 +31,24 @@ pub struct VolumeStats {
     pub total_inodes: u64,
     /// Inodes still available.
     pub available_inodes: u64,
+    /// Why the volume is not healthy (a layer missing, its mount gone); `None` when it is.
+    pub abnormal: Option<String>,
 }
+
+/// How long a measured usage is served before it is measured again in the background:
+/// kubelet asks every minute per volume, and a walk of a big upper must not follow each ask.
+pub(super) const USAGE_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A volume's last measured usage.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Usage {
+    at: std::time::Instant,
+    stats: crate::store::tree::TreeStats,
+    refreshing: bool,
+}
+
+/// Measured usage by volume, shared by the engine's clones.
+pub(super) type UsageCache = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<VolumeId, Usage>>>;
 
 fn io_err(volume: &VolumeId, op: &'static str, path: &Path, source: std::io::Error) -> OpsError {
     OpsError::Io { volume: volume.clone(), op, path: path.to_path_buf(), source }
@@ -320,20 +337,43 @@ impl Engine {
         .await
     }
 
-    /// Usage of volume `id` mounted at `path`.
+    /// Usage and health of volume `id` at `path`. Usage comes from a measurement at most
+    /// [`USAGE_TTL`] old (refreshed in the background), so a poll never walks the upper;
+    /// free space is the state filesystem's, where the upper lives.
     pub async fn stats(&self, id: &VolumeId, path: &Path) -> Result<VolumeStats, OpsError> {
         let this = self.clone();
         let (id, path): (VolumeId, PathBuf) = (id.clone(), path.to_path_buf());
         blocking(move || {
             let record = this.existing(&id)?;
             // A path that cannot even be resolved is certainly not where the volume is.
-            if !this.is_mounted_at(&record, &path).unwrap_or(false) {
+            let mounted = this.is_mounted_at(&record, &path).unwrap_or(false);
+            let ours =
+                record.mount_path.as_deref() == Some(path.as_path()) || record.pods.iter().any(|p| p.target == path);
+            if !mounted && !ours {
                 return Err(OpsError::NotMountedAt { volume: id.clone(), path });
             }
-            let fs = nix::sys::statvfs::statvfs(&path).map_err(|e| io_err(&id, "statvfs", &path, e.into()))?;
             let upper = this.store.layout().upper_dir(&record.id);
-            let used = crate::store::tree::measure(&upper).map_err(StoreError::from)?;
+            let fs = nix::sys::statvfs::statvfs(&upper).map_err(|e| io_err(&id, "statvfs", &upper, e.into()))?;
+            let used = this.usage_of(&id, &upper)?;
             let frsize = fs.fragment_size() as u64;
+            let missing = record.base.layers.iter().find(|l| !this.store.layout().layer_dir(l).is_dir());
+            let mut problems = Vec::new();
+            if !mounted {
+                problems.push(format!(
+                    "the volume is no longer mounted at {}: it was unmounted behind the driver's back",
+                    path.display()
+                ));
+            }
+            if let Some(layer) = missing {
+                problems.push(format!(
+                    "layer {layer} of cache {} v{} is missing from {}: the volume reads from a deleted layer; \
+                     recreate it",
+                    record.base.from,
+                    record.base.from_version,
+                    this.store.layout().layer_dir(layer).display()
+                ));
+            }
+            let abnormal = (!problems.is_empty()).then(|| problems.join("; "));
             Ok(VolumeStats {
                 used_bytes: used.bytes,
                 used_files: used.files,
@@ -341,8 +381,44 @@ impl Engine {
                 available_bytes: fs.blocks_available() as u64 * frsize,
                 total_inodes: fs.files() as u64,
                 available_inodes: fs.files_available() as u64,
+                abnormal,
             })
         })
         .await
+    }
+
+    /// The upper's usage: measured on the first ask, then served from the cache and measured
+    /// again in the background once older than [`USAGE_TTL`].
+    fn usage_of(&self, id: &VolumeId, upper: &Path) -> Result<crate::store::tree::TreeStats, OpsError> {
+        let cached = self.usage.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied();
+        match cached {
+            Some(u) if u.at.elapsed() < USAGE_TTL || u.refreshing => Ok(u.stats),
+            Some(u) => {
+                if let Some(entry) = self.usage.lock().unwrap_or_else(|p| p.into_inner()).get_mut(id) {
+                    entry.refreshing = true;
+                }
+                let (cache, id, upper) = (self.usage.clone(), id.clone(), upper.to_path_buf());
+                tokio::task::spawn_blocking(move || {
+                    let measured = crate::store::tree::measure(&upper);
+                    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+                    match measured {
+                        Ok(stats) => {
+                            cache.insert(id, Usage { at: std::time::Instant::now(), stats, refreshing: false });
+                        }
+                        // Gone meanwhile (released): forget it.
+                        Err(_) => {
+                            cache.remove(&id);
+                        }
+                    }
+                });
+                Ok(u.stats)
+            }
+            None => {
+                let stats = crate::store::tree::measure(upper).map_err(StoreError::from)?;
+                let usage = Usage { at: std::time::Instant::now(), stats, refreshing: false };
+                self.usage.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), usage);
+                Ok(stats)
+            }
+        }
     }
 }
