@@ -6,8 +6,9 @@
 Renders the chart with its default values and with hack/chart-values-test.yaml, parses
 every document with PyYAML and checks what the deployment depends on: the CSIDriver,
 the node DaemonSet (containers, arguments, mounts and their propagation), RBAC verbs,
-StorageClasses, the driver's config, and the metrics Service, ServiceMonitor and
-dashboard ConfigMap. It also checks the Grafana dashboard's PromQL against the metrics
+StorageClasses, the driver's config, the metrics Service, ServiceMonitor and
+dashboard ConfigMap, storage capacity tracking, and the csi-snapshotter sidecar with its
+VolumeSnapshotClass. It also checks the Grafana dashboard's PromQL against the metrics
 the driver exports, and examples/*.yaml. Each check
 prints one line, `ok - ...` or `not ok - ...`; the last line is `N passed, M failed`,
 and the exit status is non-zero if any check failed. No cluster is needed.
@@ -247,6 +248,24 @@ PROVISIONER_RULES = {
     ("", "nodes"): {"get", "list", "watch"},
     ("storage.k8s.io", "volumeattributesclasses"): {"get", "list", "watch"},
 }
+# Restoring a PVC from a VolumeSnapshot (snapshots.enabled).
+PROVISIONER_SNAPSHOT_RULES = {
+    ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list"},
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list"},
+}
+# Storage capacity tracking, in a Role of the release namespace (storageCapacity.enabled).
+CAPACITY_RULES = {
+    ("storage.k8s.io", "csistoragecapacities"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("", "pods"): {"get"},
+}
+# The csi-snapshotter sidecar in node-deployment mode (snapshots.enabled).
+SNAPSHOTTER_RULES = {
+    ("", "events"): {"list", "watch", "create", "update", "patch"},
+    ("snapshot.storage.k8s.io", "volumesnapshotclasses"): {"get", "list", "watch"},
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list", "watch", "update", "patch"},
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"): {"update", "patch"},
+}
+SIDECARS = ["node-driver-registrar", "csi-provisioner", "liveness-probe"]
 
 
 def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
@@ -255,7 +274,7 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
     fullname = f"{RELEASE}-jobcachefs"
 
     # Every namespaced object lands in the release namespace.
-    cluster_kinds = {"CSIDriver", "StorageClass", "ClusterRole", "ClusterRoleBinding"}
+    cluster_kinds = {"CSIDriver", "StorageClass", "ClusterRole", "ClusterRoleBinding", "VolumeSnapshotClass"}
     stray = [f"{d['kind']}/{d['metadata']['name']}" for d in docs
              if d["kind"] not in cluster_kinds and d["metadata"].get("namespace") != NAMESPACE]
     r.check(not stray, f"{t} namespaced objects are in the release namespace", stray)
@@ -269,6 +288,8 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
         r.equal(spec.get("volumeLifecycleModes"), ["Persistent", "Ephemeral"],
                 f"{t} CSIDriver volumeLifecycleModes are Persistent and Ephemeral")
         r.equal(spec.get("fsGroupPolicy"), "File", f"{t} CSIDriver fsGroupPolicy is File (the driver applies fsGroup)")
+        r.equal(spec.get("storageCapacity"), want["capacity"] is not None,
+                f"{t} CSIDriver storageCapacity is {str(want['capacity'] is not None).lower()}")
 
     # DaemonSet.
     ds = by_kind(docs, "DaemonSet").get(f"{fullname}-node")
@@ -280,8 +301,9 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
     r.check(all(labels.get(k) == v for k, v in sel.items()),
             f"{t} DaemonSet selector matches its pod labels", (sel, labels))
     cs = containers(ds)
-    r.equal(sorted(cs), sorted(["jobcachefs", "node-driver-registrar", "csi-provisioner", "liveness-probe"]),
-            f"{t} DaemonSet has the driver and its three sidecars")
+    sidecars = SIDECARS + (["csi-snapshotter"] if want["snapshots"] else [])
+    r.equal(sorted(cs), sorted(["jobcachefs", *sidecars]),
+            f"{t} DaemonSet has the driver and its sidecars {sidecars}")
     vols = volumes(ds)
     kubelet = want["kubeletDir"]
 
@@ -306,6 +328,8 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
     r.equal(serve.get("publish-deadline"), want["publishDeadline"],
             f"{t} driver --publish-deadline {want['publishDeadline']}")
     r.equal(serve.get("lock-timeout"), want["lockTimeout"], f"{t} driver --lock-timeout {want['lockTimeout']}")
+    r.equal(serve.get("capacity-reserve"), want["capacityReserve"],
+            f"{t} driver --capacity-reserve {want['capacityReserve']} after serve")
 
     dm = mounts(drv_c)
     r.equal((dm.get("socket-dir") or {}).get("mountPath"), "/csi", f"{t} driver mounts the socket dir at /csi")
@@ -373,6 +397,8 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
             f"{t} provisioner image is registry.k8s.io/sig-storage/csi-provisioner v5.x", prov.get("image"))
     r.check(all(not c.get("securityContext", {}).get("privileged") for n, c in cs.items() if n != "jobcachefs"),
             f"{t} only the driver container is privileged")
+    check_capacity(r, docs, prov, want["capacity"], label)
+    check_snapshots(r, docs, want["snapshots"], label)
 
     # Scheduling.
     r.equal(pod.get("tolerations"), want["tolerations"], f"{t} tolerations are {want['tolerations']}")
@@ -387,8 +413,12 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
     r.check(sa_name in by_kind(docs, "ServiceAccount"), f"{t} the pod's ServiceAccount {sa_name} is rendered")
     roles = by_kind(docs, "ClusterRole")
     bindings = by_kind(docs, "ClusterRoleBinding")
-    for role_name, expected in [(f"{fullname}-driver", want["driverRules"]),
-                                (f"{fullname}-provisioner", PROVISIONER_RULES)]:
+    provisioner_rules = {**PROVISIONER_RULES, **(PROVISIONER_SNAPSHOT_RULES if want["snapshots"] else {})}
+    cluster_roles = [(f"{fullname}-driver", want["driverRules"]), (f"{fullname}-provisioner", provisioner_rules)]
+    if want["snapshots"]:
+        cluster_roles.append((f"{fullname}-snapshotter", SNAPSHOTTER_RULES))
+    r.equal(sorted(roles), sorted(n for n, _ in cluster_roles), f"{t} ClusterRoles are {sorted(n for n, _ in cluster_roles)}")
+    for role_name, expected in cluster_roles:
         role = roles.get(role_name)
         if r.check(role is not None, f"{t} ClusterRole {role_name} is rendered"):
             got = rules_of(role)
@@ -403,7 +433,7 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
         r.equal(sorted(driver_rules.get(key, set())), sorted(verbs),
                 f"{t} driver may {'+'.join(sorted(verbs))} events in group {key[0] or 'core'} and nothing else")
     all_rules = {}
-    for role in roles.values():
+    for role in [*roles.values(), *by_kind(docs, "Role").values()]:
         for k, v in rules_of(role).items():
             all_rules.setdefault(k, set()).update(v)
     lease_verbs = all_rules.get(("coordination.k8s.io", "leases"), set())
@@ -437,6 +467,103 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
     r.check(len(annotations.get("checksum/config", "")) == 64, f"{t} pods roll when the config changes")
 
     check_metrics(r, docs, want["metrics"], label)
+
+
+def all_role_rules(docs: list[dict]) -> dict[tuple[str, str], set[str]]:
+    """The union of the rules of every ClusterRole and Role rendered."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for d in docs:
+        if d["kind"] in ("ClusterRole", "Role"):
+            for k, v in rules_of(d).items():
+                out.setdefault(k, set()).update(v)
+    return out
+
+
+def check_capacity(r: Report, docs: list[dict], prov: dict, want: dict | None, label: str) -> None:
+    """Storage capacity tracking: the provisioner's flags and env, and its Role.
+
+    `want` is None when storageCapacity is off, else {pollInterval}.
+    """
+    t = f"[{label}]"
+    fullname = f"{RELEASE}-jobcachefs"
+    pa = flags(prov.get("args", []))
+    env = {e.get("name"): e for e in prov.get("env", [])}
+    role_name = f"{fullname}-provisioner-capacity"
+    roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Role"}
+    bindings = {d["metadata"]["name"]: d for d in docs if d["kind"] == "RoleBinding"}
+    if want is None:
+        capacity_flags = sorted(k for k in pa if "capacity" in k)
+        r.check(not capacity_flags, f"{t} capacity off: provisioner has no capacity flags", capacity_flags)
+        r.check("POD_NAME" not in env and "NAMESPACE" not in env,
+                f"{t} capacity off: provisioner has no POD_NAME or NAMESPACE", sorted(env))
+        r.check(role_name not in roles and role_name not in bindings,
+                f"{t} capacity off: no Role or RoleBinding {role_name}", (sorted(roles), sorted(bindings)))
+        verbs = all_role_rules(docs).get(("storage.k8s.io", "csistoragecapacities"))
+        r.check(not verbs, f"{t} capacity off: no role grants csistoragecapacities", verbs)
+        return
+    for k, v in [("enable-capacity", "true"), ("capacity-ownerref-level", "1"),
+                 ("capacity-poll-interval", want["pollInterval"])]:
+        r.equal(pa.get(k), v, f"{t} provisioner --{k}={v}")
+    r.equal(env_field(prov, "NAMESPACE"), "metadata.namespace",
+            f"{t} provisioner has NAMESPACE from metadata.namespace (where CSIStorageCapacity objects go)")
+    r.equal(env_field(prov, "POD_NAME"), "metadata.name",
+            f"{t} provisioner has POD_NAME from metadata.name (the owner lookup starts at its pod)")
+    role = roles.get(role_name)
+    if r.check(role is not None and role["metadata"].get("namespace") == NAMESPACE,
+               f"{t} Role {role_name} is rendered in the release namespace"):
+        got = {k: sorted(v) for k, v in rules_of(role).items()}
+        r.equal(got, {k: sorted(v) for k, v in CAPACITY_RULES.items()},
+                f"{t} Role {role_name} grants csistoragecapacities and get on pods, nothing else")
+    ds = by_kind(docs, "DaemonSet").get(f"{fullname}-node", {})
+    sa_name = ds.get("spec", {}).get("template", {}).get("spec", {}).get("serviceAccountName")
+    b = bindings.get(role_name)
+    r.check(b is not None and b["metadata"].get("namespace") == NAMESPACE
+            and b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role_name}
+            and b["subjects"] == [{"kind": "ServiceAccount", "name": sa_name, "namespace": NAMESPACE}],
+            f"{t} RoleBinding {role_name} binds the pod's ServiceAccount", b)
+    owner_rules = {k for k in all_role_rules(docs) if k[0] == "apps"}
+    r.check(not owner_rules, f"{t} owner-ref level 1 needs no apps rules (the pod names its DaemonSet)",
+            sorted(owner_rules))
+
+
+def check_snapshots(r: Report, docs: list[dict], want: dict | None, label: str) -> None:
+    """The csi-snapshotter sidecar and the VolumeSnapshotClass.
+
+    `want` is None when snapshots are off, else {className, isDefault, workerThreads, timeout}.
+    """
+    t = f"[{label}]"
+    fullname = f"{RELEASE}-jobcachefs"
+    ds = by_kind(docs, "DaemonSet").get(f"{fullname}-node", {})
+    snap = containers(ds).get("csi-snapshotter") if ds else None
+    classes = [d for d in docs if d["kind"] == "VolumeSnapshotClass"]
+    if want is None:
+        r.check(snap is None, f"{t} snapshots off: no csi-snapshotter container")
+        r.check(not classes, f"{t} snapshots off: no VolumeSnapshotClass", [d["metadata"]["name"] for d in classes])
+        snapshot_rules = sorted(k for k in all_role_rules(docs) if k[0] == "snapshot.storage.k8s.io")
+        r.check(not snapshot_rules, f"{t} snapshots off: no role grants snapshot.storage.k8s.io", snapshot_rules)
+        return
+    if not r.check(snap is not None, f"{t} csi-snapshotter container is rendered"):
+        return
+    r.check(snap.get("image", "").startswith("registry.k8s.io/sig-storage/csi-snapshotter:v8."),
+            f"{t} snapshotter image is registry.k8s.io/sig-storage/csi-snapshotter v8.x", snap.get("image"))
+    sa = flags(snap.get("args", []))
+    for k, v in [("csi-address", "/csi/csi.sock"), ("node-deployment", "true"),
+                 ("worker-threads", want["workerThreads"]), ("timeout", want["timeout"])]:
+        r.equal(sa.get(k), v, f"{t} snapshotter --{k}={v}")
+    r.check(sa.get("leader-election") in (None, "false"),
+            f"{t} snapshotter runs without leader election (node-deployment refuses it)", sa.get("leader-election"))
+    r.equal(env_field(snap, "NODE_NAME"), "spec.nodeName",
+            f"{t} snapshotter has NODE_NAME from spec.nodeName (node-deployment needs it)")
+    r.equal(mounts(snap).get("socket-dir", {}).get("mountPath"), "/csi",
+            f"{t} snapshotter mounts the socket dir at /csi, like the provisioner")
+    if r.check(len(classes) == 1, f"{t} one VolumeSnapshotClass is rendered", len(classes)):
+        vsc = classes[0]
+        r.equal((vsc.get("apiVersion"), vsc["metadata"]["name"], vsc.get("driver"), vsc.get("deletionPolicy")),
+                ("snapshot.storage.k8s.io/v1", want["className"], DRIVER, "Delete"),
+                f"{t} VolumeSnapshotClass {want['className']}: snapshot.storage.k8s.io/v1, {DRIVER}, Delete")
+        default = vsc["metadata"].get("annotations", {}).get("snapshot.storage.kubernetes.io/is-default-class")
+        r.equal(default, "true" if want["isDefault"] else None,
+                f"{t} VolumeSnapshotClass is{'' if want['isDefault'] else ' not'} the default class")
 
 
 def check_metrics(r: Report, docs: list[dict], want: dict | None, label: str) -> None:
@@ -618,6 +745,9 @@ DEFAULT_WANT = {
     "storageClasses": {"jobcache": {"publish": "true"}, "jobcache-readonly": {"publish": "false"}},
     "inlinePublishNamespaces": [],
     "metrics": None,
+    "capacityReserve": "1GiB",
+    "capacity": {"pollInterval": "1m"},
+    "snapshots": None,
 }
 
 TEST_WANT = {
@@ -637,6 +767,7 @@ TEST_WANT = {
     "resources": {
         "jobcachefs": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
         "csi-provisioner": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"cpu": "100m", "memory": "128Mi"}},
+        "csi-snapshotter": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "96Mi"}},
     },
     "driverRules": {**DRIVER_RULES, **LEASE_RULE},
     "storageClasses": {
@@ -646,13 +777,22 @@ TEST_WANT = {
     "inlinePublishNamespaces": ["ci"],
     "metrics": {"port": 9900, "serviceMonitor": {"interval": "15s", "labels": {"release": "kube-prometheus-stack"}},
                 "dashboard": True},
+    "capacityReserve": "5GiB",
+    "capacity": {"pollInterval": "30s"},
+    "snapshots": {"className": "ci-cache-snapshots", "isDefault": True, "workerThreads": "3", "timeout": "90s"},
 }
+
+
+# What the examples may create: (apiVersion, kind).
+EXAMPLE_KINDS = {("v1", "Pod"), ("batch/v1", "Job"), ("v1", "PersistentVolumeClaim"), ("v1", "Namespace"),
+                 ("v1", "ResourceQuota"), ("storage.k8s.io/v1", "StorageClass"),
+                 ("snapshot.storage.k8s.io/v1", "VolumeSnapshot")}
 
 
 def check_examples(r: Report) -> None:
     files = sorted(EXAMPLES.glob("*.yaml"))
     want = {"maven-job.yaml", "pr-job-readonly.yaml", "pr-job-fallback.yaml",
-            "inline-ephemeral.yaml", "restrict-publishing.yaml", "restricted-job.yaml"}
+            "inline-ephemeral.yaml", "restrict-publishing.yaml", "restricted-job.yaml", "snapshot-rollback.yaml"}
     r.check(want <= {f.name for f in files}, "[examples] every example is there", sorted(f.name for f in files))
     classes = {"jobcache": {"publish": "true"}, "jobcache-readonly": {"publish": "false"}}
     docs_by_file = {}
@@ -663,6 +803,9 @@ def check_examples(r: Report) -> None:
                         for d in docs_by_file[f.name]), f"[examples] {f.name} parses into named objects")
         except yaml.YAMLError as e:
             r.check(False, f"[examples] {f.name} parses", e)
+    for name, docs in docs_by_file.items():
+        odd = [(d["apiVersion"], d["kind"]) for d in docs if (d["apiVersion"], d["kind"]) not in EXAMPLE_KINDS]
+        r.check(not odd, f"[examples] {name}: every object is of a known apiVersion and kind", odd)
     for docs in docs_by_file.values():
         for d in docs:
             if d["kind"] == "StorageClass":
@@ -678,12 +821,25 @@ def check_examples(r: Report) -> None:
             return d["spec"]["template"]["spec"]
         return None
 
+    def pvc_cache(pvc: dict) -> str | None:
+        cls = pvc["spec"].get("storageClassName")
+        return pvc["metadata"].get("annotations", {}).get("jobcachefs.dev/cache-name") \
+            or classes.get(cls, {}).get("cacheName")
+
     seen = {}
     for name, docs in docs_by_file.items():
+        pvcs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
         for d in docs:
             spec = pod_spec(d)
             if spec is None:
                 continue
+            for v in spec.get("volumes", []):
+                if "persistentVolumeClaim" in v:
+                    pvc = pvcs.get(v["persistentVolumeClaim"].get("claimName"))
+                    cls = (pvc or {}).get("spec", {}).get("storageClassName")
+                    r.check(pvc is not None and cls in classes and pvc_cache(pvc),
+                            f"[examples] {name}: {d['metadata']['name']} mounts a PVC of this file with a known "
+                            f"class and a cache", v["persistentVolumeClaim"])
             if d["kind"] == "Job":
                 r.check(isinstance(d["spec"].get("ttlSecondsAfterFinished"), int),
                         f"[examples] {name}: the Job deletes its pod when done (the volume publishes then)")
@@ -729,12 +885,62 @@ def check_examples(r: Report) -> None:
         inline = [v["csi"]["volumeAttributes"] for v in spec.get("volumes", []) if "csi" in v]
         r.check("fsGroup" in sc or any("uid" in a and "gid" in a for a in inline),
                 f"[examples] restricted-job.yaml: {d['metadata']['name']} gets a writable cache (fsGroup or uid/gid)")
+    check_rollback_example(r, docs_by_file.get("snapshot-rollback.yaml", []), classes)
     quotas = [d for d in docs_by_file.get("restrict-publishing.yaml", []) if d["kind"] == "ResourceQuota"]
     hard = [q["spec"]["hard"] for q in quotas]
     r.check(bool(hard) and all(str(h.get("jobcache.storageclass.storage.k8s.io/requests.storage")) == "0"
                                and str(h.get("jobcache.storageclass.storage.k8s.io/persistentvolumeclaims")) == "0"
                                for h in hard),
             "[examples] restrict-publishing.yaml: quotas allow no PVC and no storage of class jobcache", hard)
+
+
+def check_rollback_example(r: Report, docs: list[dict], classes: dict[str, dict]) -> None:
+    """examples/snapshot-rollback.yaml: a snapshot of a cache's PVC, and a PVC restored from it."""
+    t = "[examples] snapshot-rollback.yaml:"
+    try:
+        values = yaml.safe_load((CHART / "values.yaml").read_text())
+        snapshot_class = values["snapshots"]["volumeSnapshotClass"]["name"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
+        r.check(False, f"{t} the chart's VolumeSnapshotClass name is readable from values.yaml", e)
+        return
+    pvcs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    snaps = [d for d in docs if d["kind"] == "VolumeSnapshot"]
+    if not r.check(len(snaps) == 1, f"{t} one VolumeSnapshot", len(snaps)):
+        return
+    snap = snaps[0]
+    r.equal(snap["spec"].get("volumeSnapshotClassName"), snapshot_class,
+            f"{t} the VolumeSnapshot uses the chart's VolumeSnapshotClass {snapshot_class}")
+    source = pvcs.get(snap["spec"].get("source", {}).get("persistentVolumeClaimName"))
+    ann = "jobcachefs.dev/cache-name"
+    cache = (source or {}).get("metadata", {}).get("annotations", {}).get(ann)
+    r.check(source is not None and source["spec"].get("storageClassName") in classes
+            and classes[source["spec"]["storageClassName"]].get("publish") == "true" and cache,
+            f"{t} the snapshot's source is a PVC of this file, of a publishing class, naming its cache",
+            snap["spec"].get("source"))
+    restored = [p for p in pvcs.values() if p["spec"].get("dataSource")]
+    if not r.check(len(restored) == 1, f"{t} one PVC restored from a dataSource", len(restored)):
+        return
+    rp = restored[0]
+    r.equal(rp["spec"]["dataSource"], {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
+                                       "name": snap["metadata"]["name"]},
+            f"{t} the restored PVC's dataSource is the VolumeSnapshot {snap['metadata']['name']}")
+    cls = rp["spec"].get("storageClassName")
+    r.check(cls in classes and classes[cls].get("publish") == "true",
+            f"{t} the restored PVC's class {cls} publishes (its publish is the rollback)", cls)
+    r.equal(rp["metadata"].get("annotations", {}).get(ann), cache,
+            f"{t} the restored PVC publishes to the snapshot's own cache {cache}")
+
+    def claims(job: dict) -> set[str]:
+        vols = job["spec"]["template"]["spec"].get("volumes", [])
+        return {v["persistentVolumeClaim"]["claimName"] for v in vols if "persistentVolumeClaim" in v}
+
+    jobs = [d for d in docs if d["kind"] == "Job"]
+    r.check(any((source or {}).get("metadata", {}).get("name") in claims(j) for j in jobs),
+            f"{t} a Job builds on the snapshot's source PVC")
+    rollback = [j for j in jobs if rp["metadata"]["name"] in claims(j)]
+    r.check(len(rollback) == 1 and "jobcachefs.dev/node" in
+            rollback[0]["spec"]["template"]["spec"].get("nodeSelector", {}),
+            f"{t} one Job uses the restored PVC, on the snapshot's node (nodeSelector jobcachefs.dev/node)")
 
 
 def main() -> int:
@@ -776,6 +982,31 @@ def main() -> int:
                 "[pvc] shared-dir volume is the PVC jobcache-shared")
         r.equal(flags(containers(ds)["jobcachefs"]["args"]).get("shared-dir"), "/shared", "[pvc] driver --shared-dir /shared")
 
+    # Capacity tracking off; snapshots on with default values; a reserve given as a number.
+    docs, err = render(helm, "--set", "storageCapacity.enabled=false")
+    if r.check(bool(docs), "helm template with storageCapacity.enabled=false", err):
+        drv = by_kind(docs, "CSIDriver").get(DRIVER, {})
+        r.equal(drv.get("spec", {}).get("storageCapacity"), False, "[no-capacity] CSIDriver storageCapacity is false")
+        ds = by_kind(docs, "DaemonSet")[f"{RELEASE}-jobcachefs-node"]
+        check_capacity(r, docs, containers(ds)["csi-provisioner"], None, "no-capacity")
+        r.equal(flags(containers(ds)["jobcachefs"]["args"]).get("capacity-reserve"), "1GiB",
+                "[no-capacity] driver still gets --capacity-reserve=1GiB")
+    docs, err = render(helm, "--set", "snapshots.enabled=true")
+    if r.check(bool(docs), "helm template with snapshots.enabled=true", err):
+        check_snapshots(r, docs, {"className": "jobcache-snapshots", "isDefault": False, "workerThreads": "10",
+                                  "timeout": "60s"}, "snapshots")
+        ds = by_kind(docs, "DaemonSet")[f"{RELEASE}-jobcachefs-node"]
+        check_capacity(r, docs, containers(ds)["csi-provisioner"], {"pollInterval": "1m"}, "snapshots")
+        prov_role = by_kind(docs, "ClusterRole").get(f"{RELEASE}-jobcachefs-provisioner", {})
+        r.check(all(rules_of(prov_role).get(k) == v for k, v in PROVISIONER_SNAPSHOT_RULES.items()),
+                "[snapshots] provisioner may get and list volumesnapshots and their contents (restores)")
+    docs, err = render(helm, "--set", "capacityReserve=2147483648")
+    if r.check(bool(docs), "helm template with capacityReserve=2147483648", err):
+        ds = by_kind(docs, "DaemonSet")[f"{RELEASE}-jobcachefs-node"]
+        args = containers(ds)["jobcachefs"]["args"]
+        r.equal(flags(args[args.index("serve") + 1:]).get("capacity-reserve"), "2147483648",
+                "[reserve] a reserve in bytes is passed as digits")
+
     # Metrics step by step: the ServiceMonitor needs metrics, the dashboard stands alone.
     for label, extra, want in [
         ("metrics", ["--set", "metrics.enabled=true"], {"port": 9811, "serviceMonitor": None, "dashboard": False}),
@@ -805,6 +1036,11 @@ def main() -> int:
          "metrics.port"),
         ("a misspelt metrics key", ["--set", "metrics.serviceMonitor.enable=true"], "enable"),
         ("a bad scrape interval", ["--set", "metrics.serviceMonitor.interval=30 seconds"], "interval"),
+        ("a capacityReserve that is no size", ["--set-string", "capacityReserve=lots"], "capacityReserve"),
+        ("a bad capacity poll interval", ["--set", "storageCapacity.pollInterval=soon"], "pollInterval"),
+        ("a misspelt snapshots key", ["--set", "snapshots.enable=true"], "enable"),
+        ("a bad VolumeSnapshotClass name", ["--set", "snapshots.enabled=true",
+                                            "--set", "snapshots.volumeSnapshotClass.name=Bad_Name"], "name"),
     ]:
         docs, err = render(helm, *extra)
         r.check(not docs and needle in err, f"helm template refuses {what}", err or "rendered")

@@ -95,3 +95,29 @@ jobcachefs.dev
 {{- int $m.port }}
 {{- end }}
 {{- end }}
+
+{{/* "true" when storage capacity tracking is on, else empty. */}}
+{{- define "jobcachefs.storageCapacity" -}}
+{{- $c := .Values.storageCapacity | default dict }}
+{{- if $c.enabled }}true{{ end }}
+{{- end }}
+
+{{/* "true" when CSI snapshots are on, else empty. */}}
+{{- define "jobcachefs.snapshots" -}}
+{{- $s := .Values.snapshots | default dict }}
+{{- if $s.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The name of the chart's VolumeSnapshotClass. */}}
+{{- define "jobcachefs.volumeSnapshotClassName" -}}
+{{- $s := .Values.snapshots | default dict }}
+{{- $c := $s.volumeSnapshotClass | default dict }}
+{{- required "snapshots.volumeSnapshotClass.name must be set" $c.name }}
+{{- end }}
+
+{{/* The driver's --capacity-reserve. */}}
+{{- define "jobcachefs.capacityReserve" -}}
+{{- $r := .Values.capacityReserve }}
+{{- if kindIs "invalid" $r }}{{ fail "capacityReserve must be set (a size such as 1GiB, or 0)" }}{{ end }}
+{{- if kindIs "float64" $r }}{{ printf "%.0f" $r }}{{ else }}{{ toString $r }}{{ end }}
+{{- end }}
