@@ -835,6 +835,7 @@ fn new_volume(id: &str, cache: &CacheKey, target: &Path) -> NewVolume {
         request: None,
         flags: jobcachefs::mount::MountOptions::default(),
         root: Default::default(),
+        content: None,
     }
 }
 

@@ -56,6 +56,7 @@ fn main() {
                 request: None,
                 flags: jobcachefs::mount::MountOptions::default(),
                 root: Default::default(),
+                content: None,
             }
         };
         let publish = Policy { publish: true, ..Policy::default() };

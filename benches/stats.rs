@@ -49,6 +49,7 @@ fn main() {
             request: None,
             flags: jobcachefs::mount::MountOptions::default(),
             root: Default::default(),
+            content: None,
         };
         rt.block_on(engine.restore(req)).expect("restore");
         for i in 0..n {

@@ -32,6 +32,9 @@ pub struct Cli {
     /// How long a publish waits for the cache's lock.
     #[arg(long, global = true, default_value = "30s", value_parser = humantime::parse_duration)]
     pub lock_timeout: Duration,
+    /// Versions every cache keeps (HEAD included) for `cache show` and `cache rollback`.
+    #[arg(long, global = true, default_value_t = crate::store::history::DEFAULT_KEEP_VERSIONS, value_parser = parse_keep)]
+    pub keep_versions: usize,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -100,6 +103,10 @@ pub struct ServeArgs {
     /// series per cache: mind the cardinality).
     #[arg(long)]
     pub metrics_cache_label: bool,
+    /// Free bytes of the state filesystem GetCapacity keeps back (e.g. 1GiB), so the
+    /// scheduler stops sending volumes before the node is full.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub capacity_reserve: u64,
 }
 
 /// The publish-lock backends.
@@ -203,6 +210,18 @@ pub enum CacheCommand {
     Squash(SquashArgs),
     /// Remove a cache (its layers go once no volume uses them).
     Rm(CacheArg),
+    /// Make a kept version's content the cache's next version (undo a poisoned publish).
+    Rollback(RollbackArgs),
+}
+
+/// `jobcachefs cache rollback`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub cache: CacheArg,
+    /// The version whose content comes back (see `cache show` for the kept ones).
+    #[arg(long)]
+    pub to: u64,
 }
 
 /// `--json`.
@@ -257,6 +276,14 @@ fn parse_ids(s: &str) -> Result<(u32, u32), String> {
         _ => Err(rule()),
     };
     Ok((id(uid)?, id(gid)?))
+}
+
+/// A number of versions to keep: 1 to 1000.
+fn parse_keep(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(k @ 1..=1000) => Ok(k),
+        _ => Err(format!("{s:?} must be a number of versions from 1 to 1000")),
+    }
 }
 
 /// Octal permission bits, at most 07777.
@@ -347,7 +374,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             fallbacks(volume)?;
         }
         Command::Cache(CacheCommand::Show(c) | CacheCommand::Rm(c))
-        | Command::Cache(CacheCommand::Squash(SquashArgs { cache: c, .. })) => {
+        | Command::Cache(CacheCommand::Squash(SquashArgs { cache: c, .. }))
+        | Command::Cache(CacheCommand::Rollback(RollbackArgs { cache: c, .. })) => {
             cache_key(&c.namespace, &c.name)?;
         }
         Command::Serve(args) => {
@@ -362,29 +390,37 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
     let squasher = detached_squash(&cli);
     match cli.command {
         Command::Run(args) => {
-            let mut engine = engine(&layout, cli.lock_timeout, true)?;
+            let mut engine = engine(&layout, (cli.lock_timeout, cli.keep_versions), true)?;
             if !args.no_maintenance {
                 engine = engine.with_background_squash(DEFAULT_MAX_DEPTH, squasher);
             }
             run_command(engine, args).await
         }
-        Command::Mount(args) => mount_command(engine(&layout, cli.lock_timeout, true)?, args).await,
-        Command::Release(args) => release_command(engine(&layout, cli.lock_timeout, false)?, args).await,
-        Command::Serve(args) => serve_command(engine(&layout, cli.lock_timeout, true)?, args).await,
+        Command::Mount(args) => {
+            mount_command(engine(&layout, (cli.lock_timeout, cli.keep_versions), true)?, args).await
+        }
+        Command::Release(args) => {
+            release_command(engine(&layout, (cli.lock_timeout, cli.keep_versions), false)?, args).await
+        }
+        Command::Serve(args) => {
+            serve_command(engine(&layout, (cli.lock_timeout, cli.keep_versions), true)?, args).await
+        }
         Command::Csi(args) => {
             crate::csi::client::run(args).await.map_err(|e| CliError::Usage(e.to_string()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cache(cmd) => {
             let probe = matches!(cmd, CacheCommand::Squash(_));
-            cache_command(engine(&layout, cli.lock_timeout, probe)?, cmd).await
+            cache_command(engine(&layout, (cli.lock_timeout, cli.keep_versions), probe)?, cmd).await
         }
     }
 }
 
 /// Opens the store and, for commands that mount, checks once per filesystem that it holds uppers.
-fn engine(layout: &Layout, lock_timeout: Duration, check_mounts: bool) -> Result<Engine, CliError> {
-    let store = Store::open(layout.clone())?;
+/// `settings` are the lock timeout and the versions every cache keeps.
+fn engine(layout: &Layout, settings: (Duration, usize), check_mounts: bool) -> Result<Engine, CliError> {
+    let (lock_timeout, keep_versions) = settings;
+    let store = Store::open(layout.clone())?.with_keep_versions(keep_versions);
     if check_mounts {
         check_filesystem(&store)?;
     }
@@ -428,6 +464,7 @@ fn policy(args: &VolumeArgs) -> Policy {
         read_only: false,
         // The command line knows no pods: the job's exit status decides (--publish-on-failure).
         publish_when: crate::store::PublishWhen::Always,
+        keep_versions: None,
     }
 }
 
@@ -515,6 +552,7 @@ async fn run_command(engine: Engine, args: RunArgs) -> Result<ExitCode, CliError
         request: None,
         flags: crate::mount::MountOptions::default(),
         root: args.volume.root(args.user),
+        content: None,
     };
     let restored = match engine.restore(req).await {
         Ok(r) => r,
@@ -608,6 +646,7 @@ async fn mount_command(engine: Engine, args: MountArgs) -> Result<ExitCode, CliE
         request: None,
         flags: crate::mount::MountOptions::default(),
         root: args.volume.root(None),
+        content: None,
     };
     let restored = engine.restore(req).await?;
     println!("jobcachefs: {} at {}", describe_restore(&restored), path.display());
@@ -713,7 +752,9 @@ async fn serve_command(engine: Engine, args: ServeArgs) -> Result<ExitCode, CliE
         }
         None => None,
     };
-    let driver = Arc::new(crate::csi::Driver::new(engine, args.node_id, access, maintenance));
+    let driver = Arc::new(
+        crate::csi::Driver::new(engine, args.node_id, access, maintenance).with_capacity_reserve(args.capacity_reserve),
+    );
     let upkeep = tokio::spawn(driver.clone().run_maintenance());
     let io_err = |source| CliError::Io { op: "install signal handler", path: PathBuf::from("SIGTERM"), source };
     let mut term = signal(SignalKind::terminate()).map_err(io_err)?;
@@ -800,14 +841,16 @@ async fn cache_command(engine: Engine, cmd: CacheCommand) -> Result<ExitCode, Cl
             for id in &info.layers {
                 layers.push(store.layer(id)?);
             }
+            let versions = version_rows(&store, &key)?;
             if arg.json.json {
                 #[derive(Serialize)]
                 struct Show<'a> {
                     #[serde(flatten)]
                     info: &'a crate::store::CacheInfo,
                     layer_records: &'a [Option<crate::store::LayerRecord>],
+                    versions: &'a [VersionRow],
                 }
-                print_json(&Show { info: &info, layer_records: &layers })?;
+                print_json(&Show { info: &info, layer_records: &layers, versions: &versions })?;
             } else if info.version == 0 {
                 println!("cache {key}: no version yet ({} volumes in use)", info.volumes);
             } else {
@@ -833,6 +876,30 @@ async fn cache_command(engine: Engine, cmd: CacheCommand) -> Result<ExitCode, Cl
                         None => println!("  {id}  (no record)"),
                     }
                 }
+                println!("versions kept, newest first:");
+                for v in &versions {
+                    println!(
+                        "  v{:<5} {:>12} {:>3} layers {:>11}  {}",
+                        v.version,
+                        age(v.created_unix),
+                        v.depth,
+                        bytesize::ByteSize(v.bytes).display().iec().to_string(),
+                        v.by
+                    );
+                }
+            }
+        }
+        CacheCommand::Rollback(args) => {
+            let key = cache_key(&args.cache.namespace, &args.cache.name)?;
+            let rolled = engine.rollback(&key, args.to).await?;
+            if args.cache.json.json {
+                print_json(&rolled)?;
+            } else {
+                println!(
+                    "cache {key}: rolled back to v{}'s content as v{} ({} layers); jobs that started from an older \
+                     version will not publish over it",
+                    rolled.to, rolled.version, rolled.depth
+                );
             }
         }
         CacheCommand::Gc(args) => {
@@ -912,6 +979,36 @@ async fn cache_command(engine: Engine, cmd: CacheCommand) -> Result<ExitCode, Cl
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One kept version as `cache show` prints it.
+#[derive(Debug, Serialize)]
+struct VersionRow {
+    version: u64,
+    created_unix: u64,
+    depth: usize,
+    bytes: u64,
+    /// Who made it: `volume ID (pod NS/NAME)`, `rollback to vN`, or `unknown`.
+    by: String,
+}
+
+fn version_rows(store: &Store, key: &CacheKey) -> Result<Vec<VersionRow>, CliError> {
+    use crate::store::history::Origin;
+    let mut rows = Vec::new();
+    for v in store.versions(key)? {
+        let mut bytes = 0;
+        for layer in &v.layers {
+            bytes += store.layer(layer)?.map_or(0, |r| r.bytes);
+        }
+        let by = match &v.origin {
+            Origin::Publish { volume, pod: Some(pod) } => format!("volume {volume} (pod {pod})"),
+            Origin::Publish { volume, pod: None } => format!("volume {volume}"),
+            Origin::Rollback { to } => format!("rollback to v{to}"),
+            Origin::Unknown => "unknown".into(),
+        };
+        rows.push(VersionRow { version: v.version, created_unix: v.created_unix, depth: v.layers.len(), bytes, by });
+    }
+    Ok(rows)
 }
 
 async fn remove_cache(engine: &Engine, key: &CacheKey) -> Result<(bool, crate::store::gc::GcReport), CliError> {

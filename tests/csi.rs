@@ -457,7 +457,21 @@ async fn identity_capabilities_and_node_info() {
             other => panic!("controller capabilities are RPCs, got {other:?}"),
         })
         .collect();
-    assert_eq!(rpcs, vec![pb::controller_service_capability::rpc::Type::CreateDeleteVolume as i32]);
+    use pb::controller_service_capability::rpc::Type as Rpc;
+    let want: Vec<i32> = [
+        Rpc::CreateDeleteVolume,
+        Rpc::CreateDeleteSnapshot,
+        Rpc::ListSnapshots,
+        Rpc::CloneVolume,
+        Rpc::GetCapacity,
+        Rpc::ListVolumes,
+        Rpc::ListVolumesPublishedNodes,
+        Rpc::VolumeCondition,
+    ]
+    .iter()
+    .map(|t| *t as i32)
+    .collect();
+    assert_eq!(rpcs, want, "only what csi-sanity's allowed list holds, and what is served");
 
     let caps = ok("NodeGetCapabilities", twice!(c.node, node_get_capabilities, pb::NodeGetCapabilitiesRequest {}));
     let rpcs: BTreeSet<i32> = caps

@@ -4,6 +4,7 @@
 pub mod client;
 mod controller;
 mod identity;
+mod listing;
 mod node;
 pub mod params;
 pub mod status;
@@ -81,12 +82,17 @@ impl Default for Maintenance {
     }
 }
 
+/// Bytes GetCapacity keeps back from the state filesystem's free space by default, so a
+/// node that reports room still has some for its own work.
+pub const DEFAULT_CAPACITY_RESERVE: u64 = 1 << 30;
+
 /// Shared state of the three services.
 pub struct Driver {
     engine: Engine,
     node_id: String,
     access: Access,
     maintenance: Maintenance,
+    capacity_reserve: u64,
 }
 
 /// Serving errors.
@@ -114,7 +120,13 @@ impl Driver {
         if let Some(cluster) = &access.cluster {
             engine = engine.with_pods(cluster.clone());
         }
-        Self { engine, node_id, access, maintenance }
+        Self { engine, node_id, access, maintenance, capacity_reserve: DEFAULT_CAPACITY_RESERVE }
+    }
+
+    /// Keeps `bytes` of the state filesystem out of the capacity GetCapacity reports.
+    pub fn with_capacity_reserve(mut self, bytes: u64) -> Self {
+        self.capacity_reserve = bytes;
+        self
     }
 
     /// Collects garbage and evicts now and then every `gc_interval`, until the task is dropped.

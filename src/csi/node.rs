@@ -146,9 +146,11 @@ impl Node for NodeService {
                         ephemeral: true,
                         pod: pod.clone(),
                         pvc: None,
+                        content: None,
                     }),
                     flags,
                     root: params.root,
+                    content: None,
                 };
                 driver.engine.publish_inline(new, pod, group).await?;
                 return Ok(pb::NodePublishVolumeResponse {});

@@ -25,6 +25,7 @@ const KEYS: &[&str] = &[
     "gid",
     "mode",
     "worldWritable",
+    "keepVersions",
 ];
 
 /// Where a volume comes from, which decides who owns its publish right.
@@ -170,7 +171,18 @@ impl VolumeParams {
         let given =
             map.iter().filter(|(k, _)| !k.starts_with(METADATA_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
         let root = parse_root(map, kind)?;
-        let policy = Policy { publish, fresh, on_stale, max_bytes, read_only: false, publish_when };
+        let keep_versions =
+            match map.get("keepVersions") {
+                None => None,
+                Some(v) => match v.parse::<usize>() {
+                    Ok(k @ 1..=1000) if v.bytes().all(|b| b.is_ascii_digit()) => Some(k),
+                    _ => return Err(invalid(
+                        "keepVersions",
+                        "must be a number of versions from 1 to 1000 (it can only lower the driver's --keep-versions)",
+                    )),
+                },
+            };
+        let policy = Policy { publish, fresh, on_stale, max_bytes, read_only: false, publish_when, keep_versions };
         Ok(Self { cache, policy, fallbacks, publish_when, root, given })
     }
 

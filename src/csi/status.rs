@@ -51,8 +51,10 @@ fn store_code(e: &StoreError) -> Code {
     }
     match e {
         StoreError::Name(_) => Code::InvalidArgument,
-        StoreError::VolumeNotFound(_) => Code::NotFound,
+        StoreError::VolumeNotFound(_) | StoreError::SnapshotNotFound(_) => Code::NotFound,
         StoreError::VolumeConflict { .. } => Code::AlreadyExists,
+        StoreError::NoVersion(_) | StoreError::VersionNotKept { .. } => Code::NotFound,
+        StoreError::AlreadyCurrent { .. } => Code::FailedPrecondition,
         StoreError::StateDir(_)
         | StoreError::Io { .. }
         | StoreError::Corrupt { .. }
@@ -98,7 +100,10 @@ fn ops_code(e: &OpsError) -> Code {
         OpsError::NoMountPath(_) => Code::InvalidArgument,
         OpsError::InFlight { .. } => Code::Aborted,
         // The caller must first take down what it left mounted (or stage before publishing).
-        OpsError::StillMounted { .. } | OpsError::NotStaged { .. } => Code::FailedPrecondition,
+        OpsError::StillMounted { .. } | OpsError::NotStaged { .. } | OpsError::MountedWritable { .. } => {
+            Code::FailedPrecondition
+        }
+        OpsError::SnapshotNameTaken { .. } => Code::AlreadyExists,
         OpsError::NotMountedAt { .. } => Code::NotFound,
         OpsError::Io { .. } | OpsError::SquashMount { .. } | OpsError::Join(_) => Code::Internal,
     }
@@ -155,6 +160,12 @@ mod tests {
             (StoreError::Name(name_err).into(), Code::InvalidArgument),
             (StoreError::VolumeNotFound(vol()).into(), Code::NotFound),
             (StoreError::VolumeConflict { id: vol(), existing: cache() }.into(), Code::AlreadyExists),
+            (StoreError::SnapshotNotFound(vol()).into(), Code::NotFound),
+            (StoreError::NoVersion(cache()).into(), Code::NotFound),
+            (StoreError::VersionNotKept { cache: cache(), version: 1, kept: vec![4, 5] }.into(), Code::NotFound),
+            (StoreError::AlreadyCurrent { cache: cache(), version: 5 }.into(), Code::FailedPrecondition),
+            (OpsError::MountedWritable { volume: vol(), at: p() }.into(), Code::FailedPrecondition),
+            (OpsError::SnapshotNameTaken { name: "s".into(), volume: vol() }.into(), Code::AlreadyExists),
             (StoreError::io("read", p(), io_err()).into(), Code::Internal),
             (StoreError::io("write", p(), io::Error::from_raw_os_error(libc::ENOSPC)).into(), Code::ResourceExhausted),
             (StoreError::Corrupt { path: p(), source: corrupt }.into(), Code::Internal),

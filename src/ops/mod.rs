@@ -8,6 +8,7 @@
 
 mod inflight;
 mod node;
+mod snapshots;
 mod upkeep;
 
 #[cfg(test)]
@@ -22,6 +23,7 @@ use serde::Serialize;
 use tracing::{Instrument, Span};
 
 pub use node::{Unpublished, VolumeStats};
+pub use snapshots::Listed;
 pub use upkeep::Background;
 
 use crate::cluster::{CacheEvent, Cluster, EventTarget};
@@ -80,6 +82,15 @@ pub enum OpsError {
          unpublish it from the pods using it first"
     )]
     GroupDiffers { volume: VolumeId, has: u32, asked: u32 },
+    /// A volume mounted writable with changes cannot be snapshotted or cloned consistently.
+    #[error(
+        "volume {volume} is mounted writable at {at} and holds changes: snapshot or clone it once it is \
+         unpublished and unstaged (its change is then copied whole)"
+    )]
+    MountedWritable { volume: VolumeId, at: PathBuf },
+    /// A snapshot name already names a snapshot of another volume.
+    #[error("snapshot name {name:?} is already used for a snapshot of volume {volume}")]
+    SnapshotNameTaken { name: String, volume: VolumeId },
     /// A directory operation of the lifecycle (mount points) failed.
     #[error("volume {volume}: {op} {path}: {source}")]
     Io { volume: VolumeId, op: &'static str, path: PathBuf, source: std::io::Error },
@@ -472,12 +483,22 @@ impl Engine {
         cluster.event(target, event);
     }
 
-    /// Creates (pins) a volume without mounting it yet; idempotent for the same request.
+    /// Creates (pins) a volume without mounting it yet; idempotent for the same request. A
+    /// clone's source must not be mounted writable with changes.
     pub async fn create(&self, req: NewVolume) -> Result<VolumeRecord, OpsError> {
         let this = self.clone();
         let id = req.id.clone();
-        self.owned(id.as_str(), "create", async move { blocking(move || Ok(this.store.create_volume(&req)?)).await })
+        self.owned(id.as_str(), "create", async move {
+            blocking(move || {
+                if let (Some(crate::store::Content::Volume(source)), None) = (&req.content, this.store.volume(&req.id)?)
+                {
+                    this.check_clone_source(source)?;
+                }
+                Ok(this.store.create_volume(&req)?)
+            })
             .await
+        })
+        .await
     }
 
     /// Whether `path` has this volume's overlay (or a bind of it) mounted on it.

@@ -53,6 +53,7 @@ fn pvc(id: &str) -> NewVolume {
         request: Some(VolumeRequest { name: id.into(), ..VolumeRequest::default() }),
         flags: MountOptions::default(),
         root: Default::default(),
+        content: None,
     }
 }
 

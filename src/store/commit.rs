@@ -97,7 +97,9 @@ impl Store {
         if !(record.policy.publish && allow) {
             return Ok(Prepared::Nothing(NotPublished::NotAllowed));
         }
-        if tree::is_empty_dir(&upper)? {
+        // A volume restored from a snapshot or cloned publishes its content even unchanged:
+        // that content is what the cache is meant to become (a rollback over CSI).
+        if tree::is_empty_dir(&upper)? && record.base.content.is_none() {
             return Ok(Prepared::Nothing(NotPublished::Unchanged));
         }
         let stats = tree::measure(&upper)?;
@@ -240,12 +242,18 @@ impl Store {
         let below: Vec<LayerId> = if same_base {
             match (&current, record.policy.fresh) {
                 (_, true) => Vec::new(),
+                // Content from a snapshot or a clone replaces HEAD's (a rollback over CSI).
+                (_, false) if record.base.content.is_some() => record.base.layers.clone(),
                 // Same version, maybe squashed since: its layers hold the same content.
                 (Some(head), false) => head.layers.clone(),
                 // No version yet: what was restored (a fallback's layers, or nothing).
                 (None, false) => record.base.layers.clone(),
             }
-        } else if record.policy.on_stale == OnStale::Stack && !record.policy.fresh && !other_lifetime {
+        } else if record.policy.on_stale == OnStale::Stack
+            && !record.policy.fresh
+            && !other_lifetime
+            && record.base.content.is_none()
+        {
             current.as_ref().map(|h| h.layers.clone()).unwrap_or_default()
         } else {
             return Ok(Advanced::Stale { base, current: current_version, other_lifetime });
@@ -256,6 +264,17 @@ impl Store {
         let lineage = current.as_ref().map_or_else(Head::new_lineage, |h| h.lineage.clone());
         let head = Head { version: current_version + 1, layers, updated_unix: now_unix(), lineage };
         atomic::create_dir_durable(&self.layout.cache_dir(key))?;
+        let pod = record
+            .request
+            .as_ref()
+            .and_then(|r| r.pod.clone())
+            .or_else(|| record.pods.first().map(|p| (p.namespace.clone(), p.name.clone())));
+        let origin = super::history::Origin::Publish {
+            volume: record.id.to_string(),
+            pod: pod.map(|(namespace, name)| format!("{namespace}/{name}")),
+        };
+        let keep = record.policy.keep_versions.map_or(self.keep_versions, |k| k.min(self.keep_versions));
+        self.record_version(key, &head, origin, keep)?;
         failpoint::hit("commit.before-head");
         atomic::write_json(&self.layout.head_path(key), &head)?;
         failpoint::hit("commit.after-head");

@@ -64,15 +64,34 @@ impl Store {
                 }
             }
             for key in self.caches()? {
-                match self.head(&key) {
-                    Ok(Some(head)) => live.extend(head.layers),
-                    Ok(None) => {}
+                let kept = match self.head(&key) {
+                    Ok(Some(head)) => {
+                        live.extend(head.layers);
+                        self.versions(&key)
+                    }
+                    // A removed cache's versions belong to no lifetime: they go with it.
+                    Ok(None) => self.forget_versions(&key).map(|()| Vec::new()),
                     Err(e) => {
                         report.deferred.push(format!("cache {key}: {e}; no layers collected"));
                         return Ok(report);
                     }
+                };
+                match kept {
+                    Ok(versions) => live.extend(versions.into_iter().flat_map(|v| v.layers)),
+                    Err(e) => {
+                        report.deferred.push(format!("cache {key} versions: {e}; no layers collected"));
+                        return Ok(report);
+                    }
                 }
                 report.scratch_removed += self.remove_temp_files(&self.layout.cache_dir(&key))?;
+                report.scratch_removed += self.remove_temp_files(&self.layout.versions_dir(&key))?;
+            }
+            match self.snapshot_layers() {
+                Ok(layers) => live.extend(layers),
+                Err(e) => {
+                    report.deferred.push(format!("snapshots: {e}; no layers collected"));
+                    return Ok(report);
+                }
             }
             failpoint::hit("gc.after-scan");
             let layers_dir = self.layout.layers_dir();

@@ -12,6 +12,8 @@ pub enum LayerKind {
     Commit,
     /// A flattened prefix of a cache's stack.
     Squash,
+    /// A copy of a mounted-nowhere volume's upper, taken for a snapshot.
+    Snapshot,
 }
 
 /// `layers/<id>.json`.

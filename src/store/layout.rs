@@ -270,6 +270,22 @@ impl Layout {
     pub fn used_path(&self, key: &CacheKey) -> PathBuf {
         self.cache_dir(key).join("used")
     }
+    /// The cache's kept versions.
+    pub fn versions_dir(&self, key: &CacheKey) -> PathBuf {
+        self.cache_dir(key).join("versions")
+    }
+    /// One kept version's record.
+    pub fn version_path(&self, key: &CacheKey, version: u64) -> PathBuf {
+        self.versions_dir(key).join(format!("{version}.json"))
+    }
+    /// Snapshots: what each pins, on the store every node sees.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.store_root().join("snapshots")
+    }
+    /// One snapshot's record.
+    pub fn snapshot_record(&self, id: &VolumeId) -> PathBuf {
+        self.snapshots_dir().join(format!("{id}.json"))
+    }
     /// Parent of every layer.
     pub fn layers_dir(&self) -> PathBuf {
         self.store_root().join("layers")

@@ -6,9 +6,11 @@ pub mod atomic;
 pub mod commit;
 pub mod gc;
 pub mod head;
+pub mod history;
 pub mod layer;
 pub mod layout;
 pub mod root;
+pub mod snapshot;
 pub mod squash;
 pub mod tree;
 pub mod volume;
@@ -51,6 +53,18 @@ pub enum StoreError {
     /// A volume of that id exists with another cache or policy.
     #[error("volume {id} already exists for cache {existing} with different parameters")]
     VolumeConflict { id: VolumeId, existing: CacheKey },
+    /// No such snapshot.
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(VolumeId),
+    /// The cache has no version to act on.
+    #[error("cache {0} has no version")]
+    NoVersion(CacheKey),
+    /// A rollback named a version the cache no longer keeps.
+    #[error("cache {cache} does not keep version {version} (kept: {kept:?}); --keep-versions sets how many are kept")]
+    VersionNotKept { cache: CacheKey, version: u64, kept: Vec<u64> },
+    /// A rollback to the version HEAD already is.
+    #[error("cache {cache}: version {version} is already the current version")]
+    AlreadyCurrent { cache: CacheKey, version: u64 },
     /// A layer tree could not be measured, copied or removed.
     #[error(transparent)]
     Tree(#[from] tree::TreeError),
@@ -83,6 +97,7 @@ pub struct StateLock(#[allow(dead_code)] Flock<File>);
 #[derive(Debug, Clone)]
 pub struct Store {
     layout: Layout,
+    keep_versions: usize,
 }
 
 /// What to create a volume from.
@@ -106,6 +121,17 @@ pub struct NewVolume {
     pub flags: crate::mount::MountOptions,
     /// Owner and mode its root gets over the version's (owner parameters).
     pub root: RootSpec,
+    /// Content to start from instead of HEAD (CSI `volume_content_source`).
+    pub content: Option<Content>,
+}
+
+/// Where a new volume's content comes from instead of its cache's HEAD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// A snapshot's layers.
+    Snapshot(VolumeId),
+    /// Another volume's content: its base plus a copy of its change (a clone).
+    Volume(VolumeId),
 }
 
 /// One pin file read back: the volume, its cache (when recorded) and the layers it pins.
@@ -170,10 +196,22 @@ impl Store {
             layout.tmp_dir(),
             layout.empty_layer(),
             layout.pins_dir(),
+            layout.snapshots_dir(),
         ] {
             std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
         }
-        Ok(Self { layout })
+        Ok(Self { layout, keep_versions: history::DEFAULT_KEEP_VERSIONS })
+    }
+
+    /// Keeps the last `keep` versions of every cache (at least one: HEAD).
+    pub fn with_keep_versions(mut self, keep: usize) -> Self {
+        self.keep_versions = keep.max(1);
+        self
+    }
+
+    /// How many versions a cache keeps by default.
+    pub fn keep_versions(&self) -> usize {
+        self.keep_versions
     }
 
     /// The layout this store uses.
@@ -304,6 +342,29 @@ impl Store {
     fn choose_base(&self, req: &NewVolume) -> Result<Base, StoreError> {
         let own = self.head(&req.cache)?;
         let own_version = own.as_ref().map_or(Head::NONE, |h| h.version);
+        if let Some(content) = &req.content {
+            // Stale protection still counts from HEAD as it is now.
+            let lineage = own.map(|h| h.lineage).unwrap_or_default();
+            let (layers, from, from_version, what) = match content {
+                Content::Snapshot(id) => {
+                    let snap = self.snapshot(id)?.ok_or_else(|| StoreError::SnapshotNotFound(id.clone()))?;
+                    (snap.layers, snap.cache, snap.base_version, format!("snapshot {id}"))
+                }
+                Content::Volume(id) => {
+                    let source = self.volume(id)?.ok_or_else(|| StoreError::VolumeNotFound(id.clone()))?;
+                    let mut layers = source.base.layers.clone();
+                    layers.extend(self.copy_upper_layer(&source)?);
+                    (layers, source.base.from.clone(), source.base.from_version, format!("volume {id}"))
+                }
+            };
+            for layer in &layers {
+                let path = self.layout.layer_dir(layer);
+                if !path.is_dir() {
+                    return Err(StoreError::MissingLayer { cache: from.clone(), layer: layer.clone(), path });
+                }
+            }
+            return Ok(Base { version: own_version, layers, from, from_version, lineage, content: Some(what) });
+        }
         if req.policy.fresh {
             let lineage = own.map(|h| h.lineage).unwrap_or_default();
             return Ok(Base {
@@ -312,6 +373,7 @@ impl Store {
                 from: req.cache.clone(),
                 from_version: 0,
                 lineage,
+                content: None,
             });
         }
         if let Some(head) = own {
@@ -322,6 +384,7 @@ impl Store {
                 from: req.cache.clone(),
                 from_version: head.version,
                 lineage: head.lineage,
+                content: None,
             });
         }
         for fallback in &req.fallbacks {
@@ -333,6 +396,7 @@ impl Store {
                     from: fallback.clone(),
                     from_version: head.version,
                     lineage: String::new(),
+                    content: None,
                 });
             }
         }
@@ -342,6 +406,7 @@ impl Store {
             from: req.cache.clone(),
             from_version: 0,
             lineage: String::new(),
+            content: None,
         })
     }
 

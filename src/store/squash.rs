@@ -148,6 +148,9 @@ impl Store {
         let mut layers = vec![squashed.layer.clone()];
         layers.extend_from_slice(&current.layers[squashed.prefix.len()..]);
         let head = Head { version: current.version, layers, updated_unix: now_unix(), lineage: current.lineage };
+        // The kept versions that share the prefix share the flat layer before HEAD does, so gc
+        // never sees the old prefix unnamed while a version still needs it.
+        self.squash_history(key, &squashed.prefix, &squashed.layer)?;
         failpoint::hit("squash.before-head");
         atomic::write_json(&self.layout.head_path(key), &head)?;
         failpoint::hit("squash.after-head");

@@ -73,6 +73,9 @@ pub struct Policy {
     /// When it publishes, judged by its pods' outcomes.
     #[serde(default)]
     pub publish_when: PublishWhen,
+    /// Versions the cache keeps once this volume publishes, when fewer than the driver's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_versions: Option<usize>,
 }
 
 /// The version a volume was restored from, pinned for as long as the volume lives.
@@ -91,6 +94,11 @@ pub struct Base {
     /// the version and the lineage to still match.
     #[serde(default)]
     pub lineage: String,
+    /// Set when the content came from a snapshot or another volume, not from HEAD (`snapshot
+    /// ID` or `volume ID`): its publish replaces HEAD's layers with this content plus the
+    /// change, if HEAD is still `version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }
 
 /// What a release decided, written to the record before it is acted on, so a retry or a
@@ -195,6 +203,9 @@ pub struct VolumeRequest {
     /// The PVC a persistent volume was made for, as (namespace, name): where its Events go.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pvc: Option<(String, String)>,
+    /// Where its content came from instead of HEAD (`snapshot ID`, `volume ID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }
 
 impl VolumeRecord {

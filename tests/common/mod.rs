@@ -120,6 +120,7 @@ pub fn volume(id: &str, cache: &CacheKey, policy: Policy, target: &Path) -> NewV
         request: None,
         flags: jobcachefs::mount::MountOptions::default(),
         root: Default::default(),
+        content: None,
     }
 }
 
