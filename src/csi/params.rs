@@ -279,6 +279,20 @@ mod tests {
     }
 
     #[test]
+    fn keep_versions_lowers_only_within_its_range() {
+        let none = HashSet::new();
+        let parse = |v: &str| {
+            VolumeParams::parse(&map(&[("cacheName", "m2"), ("keepVersions", v)]), Kind::Persistent, &none)
+                .map(|p| p.policy.keep_versions)
+        };
+        assert_eq!(parse("2").unwrap(), Some(2));
+        for bad in ["0", "1001", "-1", "two", ""] {
+            let err = parse(bad).expect_err(bad).to_string();
+            assert!(err.contains("parameter keepVersions"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn inline_volumes_publish_only_where_the_driver_allows() {
         let allowed: HashSet<String> = ["ci".to_string()].into();
         let attrs = |ns: &str| map(&[("cacheName", "m2"), (POD_NAMESPACE, ns), (EPHEMERAL_KEY, "true")]);
