@@ -39,6 +39,10 @@ fn assert_clean(sb: &Sandbox) {
         if let Some(h) = store.head(&c).unwrap() {
             named.extend(h.layers.into_iter().map(|l| l.to_string()));
         }
+        // The versions a cache keeps (for rollback) name layers too.
+        for v in store.versions(&c).unwrap() {
+            named.extend(v.layers.into_iter().map(|l| l.to_string()));
+        }
     }
     for e in fs::read_dir(layout.layers_dir()).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();

@@ -369,6 +369,10 @@ fn collected(sb: &Sandbox) -> Result<(), String> {
         if let Some(h) = store.head(&c).map_err(|e| e.to_string())? {
             named.extend(h.layers.iter().map(|l| l.to_string()));
         }
+        // The versions a cache keeps (for rollback) name layers too.
+        for v in store.versions(&c).map_err(|e| e.to_string())? {
+            named.extend(v.layers.iter().map(|l| l.to_string()));
+        }
         for e in fs::read_dir(layout.cache_dir(&c)).map_err(|e| e.to_string())? {
             let name = e.map_err(|e| e.to_string())?.file_name().to_string_lossy().into_owned();
             if name.ends_with(".tmp") {
@@ -385,7 +389,7 @@ fn collected(sb: &Sandbox) -> Result<(), String> {
             return Err(format!("scratch layers/{name} survived gc"));
         }
         if !named.contains(name.trim_end_matches(".json")) {
-            return Err(format!("layers/{name} is named by no HEAD and no volume, yet survived gc"));
+            return Err(format!("layers/{name} is named by no HEAD, kept version or volume, yet survived gc"));
         }
     }
     let tmp: Vec<_> =
