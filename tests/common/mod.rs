@@ -101,6 +101,20 @@ impl Drop for Sandbox {
     }
 }
 
+/// Layers a store keeps for its caches: every HEAD's and every kept version's, sorted.
+pub fn named_layers(store: &Store) -> Vec<String> {
+    let mut named = std::collections::BTreeSet::new();
+    for c in store.caches().expect("caches") {
+        if let Some(h) = store.head(&c).expect("head") {
+            named.extend(h.layers.iter().map(|l| l.to_string()));
+        }
+        for v in store.versions(&c).expect("versions") {
+            named.extend(v.layers.iter().map(|l| l.to_string()));
+        }
+    }
+    named.into_iter().collect()
+}
+
 pub fn key(name: &str) -> CacheKey {
     CacheKey::new("default", name).expect("key")
 }
