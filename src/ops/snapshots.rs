@@ -85,25 +85,9 @@ impl Engine {
 
     /// Makes kept version `to` of `cache` its next version, under the cache's publish lock.
     pub async fn rollback(&self, cache: &CacheKey, to: u64) -> Result<RolledBack, OpsError> {
-        let lock_err = |source| OpsError::CacheLock { cache: cache.clone(), source };
-        let guard = match self.lock.acquire(cache, self.lock_timeout).await {
-            Ok(guard) => guard,
-            Err(e) => {
-                self.metrics.lock_failed(super::lock_kind(&e));
-                return Err(lock_err(e));
-            }
-        };
         let this = self.clone();
         let key = cache.clone();
-        let done = match guard.ensure_held() {
-            Ok(()) => blocking(move || Ok(this.store.rollback(&key, to)?)).await,
-            Err(e) => Err(lock_err(e)),
-        };
-        // Released only once the HEAD write it protects is done.
-        if let Err(e) = guard.release().await {
-            tracing::warn!(error = %e, "could not release the publish lock after a rollback; it will expire");
-        }
-        done
+        self.under_cache_lock(cache, move || Ok(this.store.rollback(&key, to)?)).await
     }
 
     /// The volumes an orchestrator made (not inline or command-line ones), by id, with where

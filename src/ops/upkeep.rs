@@ -138,25 +138,38 @@ impl Engine {
             Ok(s) => s,
             Err(outcome) => return Ok(outcome),
         };
-        let lock_err = |source| OpsError::CacheLock { cache: key.clone(), source };
-        let guard = match self.lock.acquire(key, self.lock_timeout).await {
+        let this = self.clone();
+        let finished = self.under_cache_lock(key, move || Ok(this.store.squash_finish(squashed)?)).await;
+        if let Ok(SquashOutcome::Squashed { .. }) = &finished {
+            self.metrics.squashed();
+            self.metrics.layer_created();
+        }
+        finished
+    }
+
+    /// Runs blocking `work` that writes `cache`'s HEAD while holding its publish lock, released
+    /// only once the write it protects is done.
+    pub(super) async fn under_cache_lock<T: Send + 'static>(
+        &self,
+        cache: &CacheKey,
+        work: impl FnOnce() -> Result<T, OpsError> + Send + 'static,
+    ) -> Result<T, OpsError> {
+        let lock_err = |source| OpsError::CacheLock { cache: cache.clone(), source };
+        let guard = match self.lock.acquire(cache, self.lock_timeout).await {
             Ok(guard) => guard,
             Err(e) => {
                 self.metrics.lock_failed(super::lock_kind(&e));
                 return Err(lock_err(e));
             }
         };
-        let this = self.clone();
-        let finished = match guard.ensure_held() {
-            Ok(()) => blocking(move || Ok(this.store.squash_finish(squashed)?)).await,
+        let done = match guard.ensure_held() {
+            Ok(()) => blocking(work).await,
             Err(e) => Err(lock_err(e)),
         };
-        let _ = guard.release().await;
-        if let Ok(SquashOutcome::Squashed { .. }) = &finished {
-            self.metrics.squashed();
-            self.metrics.layer_created();
+        if let Err(e) = guard.release().await {
+            tracing::warn!(error = %e, "could not release the publish lock; it will expire");
         }
-        finished
+        done
     }
 
     /// Removes caches idle past `max_idle` or beyond `budget` bytes (least recently used first),
