@@ -424,3 +424,22 @@ async fn owner_parameters_set_the_root_and_bad_values_are_refused() {
     assert!(e.message().contains("volume_mount_group"), "{}", e.message());
     assert!(sb.mounts().is_empty(), "nothing mounted by refused calls: {:?}", sb.mounts());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_given_after_the_volume_is_mounted_takes_effect_at_once() {
+    if !can_mount() {
+        return;
+    }
+    let sb = open_sandbox();
+    let (_server, mut n) = Node::start(&sb, &[]).await;
+    let v = n.create("pvc-late-group", &[("cacheName", "late")]).await.expect("create");
+    let (staging, target) = (sb.dir.path().join("staging/late"), sb.dir.path().join("pods/late/volume"));
+    // Staged without an fsGroup; the pod that comes later has one.
+    n.stage(&v, &staging, "").await.expect("stage");
+    n.publish(&v, &staging, &target, "3000").await.expect("publish with a group");
+    assert_eq!(owner_mode(&target), "0:3000 2775", "the mounted root shows the group");
+    let (ok, err) = as_user(1000, 1000, &[3000], &format!("touch {}/made", s(&target)));
+    assert!(ok, "the overlay sees the change, not only the upper beneath it: {err}");
+    n.unpublish(&v.volume_id, &target).await;
+    n.teardown(&v, &staging).await;
+}

@@ -620,3 +620,63 @@ fn past_the_publish_deadline_a_release_drops_its_change_and_succeeds() {
     rt.block_on(held.release()).unwrap();
     assert!(sb.store().head(&c).unwrap().is_none());
 }
+
+#[test]
+fn a_commit_retried_after_head_moved_on_is_still_a_commit_and_its_layer_stays() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let engine = sb.engine();
+    let rt = rt();
+    let c = key("moved");
+    publish(&engine, &sb, &c, "v1", publishing(), |d| fs::write(d.join("a"), "a").unwrap());
+
+    // Volume x writes HEAD v2 and then its process dies before recording the decision.
+    let id = VolumeId::new("x").unwrap();
+    let tx = sb.path("mnt-x");
+    rt.block_on(engine.restore(volume("x", &c, publishing(), &tx))).expect("restore x");
+    fs::write(tx.join("x"), "x").unwrap();
+    rt.block_on(engine.unstage(&id, &tx)).expect("unmount");
+    let record = engine.store().volume(&id).unwrap().unwrap();
+    let jobcachefs::store::commit::Prepared::Publish(promoted) = engine.store().promote(&id, true).unwrap() else {
+        panic!("a changed volume promotes")
+    };
+    let guard = rt.block_on(FileLock::new(sb.layout()).acquire(&c, Duration::from_secs(5))).unwrap();
+    engine.store().advance_head(&record, &promoted).expect("HEAD v2");
+    rt.block_on(guard.release()).unwrap();
+
+    // Meanwhile HEAD moves on and is squashed: it no longer names x's layer, v2 still does.
+    publish(&engine, &sb, &c, "w", publishing(), |d| fs::write(d.join("w"), "w").unwrap());
+    rt.block_on(engine.squash(&c, 1, Box::new(|_| {}))).expect("squash");
+    assert!(!sb.store().head(&c).unwrap().unwrap().layers.contains(&promoted.layer));
+
+    // x's retry finds its commit, not a stale base, and drops nothing anyone names.
+    let released = rt.block_on(engine.release(&id, true)).expect("retry").expect("volume kept");
+    assert!(matches!(released, Released::Committed { version: 2, .. }), "{released:?}");
+    assert!(sb.layout().layer_dir(&promoted.layer).is_dir(), "v2's layer is still there");
+    rt.block_on(engine.collect(None, None)).unwrap();
+    let rolled = rt.block_on(engine.rollback(&c, 2)).expect("rollback to v2");
+    assert_eq!(rolled.version, 4);
+    assert_eq!(read(&sb, &engine, &c, "check", "x").as_deref(), Some("x"), "v2's content is whole");
+}
+
+#[test]
+fn a_stacking_volume_never_revives_a_removed_cache_with_a_bare_delta() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let engine = sb.engine();
+    let rt = rt();
+    let c = key("gone");
+    publish(&engine, &sb, &c, "v1", publishing(), |d| fs::write(d.join("base"), "b").unwrap());
+    let stack = Policy { on_stale: OnStale::Stack, ..publishing() };
+    let t = sb.path("mnt-s");
+    rt.block_on(engine.restore(volume("s", &c, stack, &t))).expect("restore");
+    fs::write(t.join("delta"), "d").unwrap();
+    assert!(rt.block_on(engine.remove_cache(&c)).unwrap(), "the cache is removed while s runs");
+    let released = rt.block_on(engine.release(&VolumeId::new("s").unwrap(), true)).unwrap().unwrap();
+    assert!(matches!(released, Released::Stale { base: 1, current: 0, other_lifetime: true }), "{released:?}");
+    assert!(sb.store().head(&c).unwrap().is_none(), "no version made of a delta without its base");
+}

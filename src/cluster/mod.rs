@@ -229,6 +229,11 @@ impl EventWriter {
     async fn write(&self, target: &EventTarget, event: &CacheEvent) -> Result<(), kube::Error> {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let suffix = format!("{:x}", now.0.as_nanosecond());
+        // Event names are DNS subdomains of at most 253 characters: a long object name is cut.
+        let mut prefix: String = target.name.chars().take(253 - 1 - suffix.len()).collect();
+        while prefix.ends_with(['.', '-']) {
+            prefix.pop();
+        }
         let mut message = event.message.clone();
         // The API server refuses messages over 1 KiB.
         if message.len() > 1024 {
@@ -241,7 +246,7 @@ impl EventWriter {
         }
         let ev = Event {
             metadata: ObjectMeta {
-                name: Some(format!("{}.{suffix}", target.name)),
+                name: Some(format!("{prefix}.{suffix}")),
                 namespace: Some(target.namespace.clone()),
                 ..ObjectMeta::default()
             },

@@ -99,6 +99,14 @@ impl Controller for ControllerService {
                 }
             }
             let params = VolumeParams::parse(&parameters, Kind::Persistent, &HashSet::new())?;
+            if content.is_some() && params.policy.fresh {
+                return Err(CsiError::Invalid {
+                    field: "parameter ignoreCache".into(),
+                    rule:
+                        "cannot be combined with volume_content_source: the volume starts from the snapshot or volume"
+                            .into(),
+                });
+            }
             let capacity = granted(req.capacity_range.as_ref(), driver.engine.capacity_bytes().await?)?;
             let id = volume_id_for(&req.name);
             let new = NewVolume {

@@ -369,7 +369,7 @@ impl Engine {
         let existed = self.store.volume(&req.id)?.is_some();
         let record = self.store.create_volume(&req)?;
         let mounted = existed && self.is_mounted_at(&record, &target)?;
-        let record = match self.apply_group(record, group, mounted) {
+        let record = match self.apply_group(record, group, mounted, mounted.then_some(target.as_path())) {
             Ok(record) => record,
             Err(err) => {
                 if !existed {
@@ -489,6 +489,15 @@ impl Engine {
         let this = self.clone();
         let id = req.id.clone();
         self.owned(id.as_str(), "create", async move {
+            // A clone's source is held too, so it cannot be staged (and written) while copied.
+            let _source = match &req.content {
+                Some(crate::store::Content::Volume(source)) => Some(
+                    this.inflight
+                        .begin(source.as_str(), "clone")
+                        .map_err(|running| OpsError::InFlight { volume: source.to_string(), running })?,
+                ),
+                _ => None,
+            };
             blocking(move || {
                 if let (Some(crate::store::Content::Volume(source)), None) = (&req.content, this.store.volume(&req.id)?)
                 {
@@ -555,12 +564,19 @@ impl Engine {
     /// group already. While another pod may be using the root (`in_use`), a different group
     /// is refused: the root is one directory, and taking it from that pod's group would take
     /// away its write access.
-    fn apply_group(&self, record: VolumeRecord, group: Option<u32>, in_use: bool) -> Result<VolumeRecord, OpsError> {
+    /// `mounted` is where the volume's overlay is mounted now, if it is.
+    fn apply_group(
+        &self,
+        record: VolumeRecord,
+        group: Option<u32>,
+        in_use: bool,
+        mounted: Option<&Path>,
+    ) -> Result<VolumeRecord, OpsError> {
         let Some(asked) = group else { return Ok(record) };
         match record.mount_group {
             Some(has) if has == asked => Ok(record),
             Some(has) if in_use => Err(OpsError::GroupDiffers { volume: record.id.clone(), has, asked }),
-            _ => Ok(self.store.set_mount_group(&record.id, asked)?),
+            _ => Ok(self.store.set_mount_group(&record.id, asked, mounted)?),
         }
     }
 

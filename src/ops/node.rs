@@ -100,7 +100,8 @@ impl Engine {
                     }
                 }
                 create_dir(&id, &staging)?;
-                this.apply_group(record, group, mounted)?;
+                this.store.ensure_volume_dirs(&record)?;
+                this.apply_group(record, group, mounted, mounted.then_some(staging.as_path()))?;
                 let record = this.store.update_volume(&id, |r| {
                     r.mount_path = Some(staging.clone());
                     r.flags = flags;
@@ -163,7 +164,7 @@ impl Engine {
                 }
                 // Another pod has it published somewhere else: its group stays.
                 let others = this.mounts_of(&record)?.into_iter().any(|m| m != staging && m != target);
-                let record = this.apply_group(record, group, others)?;
+                let record = this.apply_group(record, group, others, Some(staging.as_path()))?;
                 create_dir(&id, &target)?;
                 match this.mounter.mount_at(&target).map_err(|s| this.mount_err(&record, s))? {
                     Some(m) if this.is_mounted_at(&record, &target)? => {

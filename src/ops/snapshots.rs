@@ -19,13 +19,11 @@ pub struct Listed {
 }
 
 impl Engine {
-    /// A volume whose upper may still change under a writable mount cannot be copied as a
-    /// whole: it is refused rather than copied torn.
+    /// A volume mounted writable may change while it is copied: it is refused rather than
+    /// copied torn (even with nothing in its upper yet: a job may start writing at once).
+    /// The caller holds the volume's in-flight guard, so it cannot be staged meanwhile.
     fn check_copyable(&self, record: &VolumeRecord) -> Result<(), OpsError> {
-        let upper = self.store.layout().upper_dir(&record.id);
-        let changed =
-            upper.exists() && !crate::store::tree::is_empty_dir(&upper).map_err(crate::store::StoreError::from)?;
-        if changed && !record.policy.read_only {
+        if !record.policy.read_only {
             if let Some(at) = self.mounts_of(record)?.into_iter().next() {
                 return Err(OpsError::MountedWritable { volume: record.id.clone(), at });
             }
@@ -43,7 +41,8 @@ impl Engine {
     ) -> Result<SnapshotRecord, OpsError> {
         let this = self.clone();
         let (source, name) = (source.clone(), name.to_string());
-        let key = format!("snapshot {id}");
+        // The source volume's own guard: it cannot be staged (and written) while copied.
+        let key = source.to_string();
         self.owned(&key, "create snapshot", async move {
             blocking(move || {
                 if let Some(existing) = this.store.snapshot(&id)? {

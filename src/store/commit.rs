@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::head::{now_unix, Head};
 use super::layer::{LayerKind, LayerRecord};
-use super::layout::{LayerId, VolumeId};
+use super::layout::{CacheKey, LayerId, VolumeId};
 use super::tree::{self, TreeStats};
 use super::volume::{Decision, OnStale, VolumeRecord};
 use super::{atomic, Store, StoreError};
@@ -201,8 +201,9 @@ impl Store {
         if let (Some(Decision::Stale { .. } | Decision::Abandoned { .. }), Some(layer)) =
             (&record.decision, &record.pending)
         {
-            let named = self.head(&record.cache)?.is_some_and(|h| h.layers.contains(layer));
-            if !named {
+            // A layer something else names (HEAD, a kept version, a snapshot) is not ours to
+            // drop; gc takes it once nothing does.
+            if !self.layer_named(&record.cache, layer)? {
                 self.remove_layer(layer)?;
             }
         }
@@ -211,12 +212,32 @@ impl Store {
         Ok(record.decision)
     }
 
-    /// Whether the cache's HEAD names `layer` (a commit that already happened).
+    /// Whether this volume's `layer` was already committed (a retry after the HEAD write):
+    /// HEAD names it, or a kept version this volume published does — HEAD may have moved on
+    /// since (a squash, a rollback, later publishes). The answer carries the version it made.
     pub fn head_names(&self, record: &VolumeRecord, layer: &LayerId) -> Result<Option<Advanced>, StoreError> {
+        let published = self.versions(&record.cache)?.into_iter().find(|v| {
+            v.layers.contains(layer)
+                && matches!(&v.origin, super::history::Origin::Publish { volume, .. } if volume == record.id.as_str())
+        });
+        if let Some(v) = published {
+            return Ok(Some(Advanced::Committed { version: v.version, depth: v.layers.len() }));
+        }
         Ok(self
             .head(&record.cache)?
             .filter(|h| h.layers.contains(layer))
             .map(|h| Advanced::Committed { version: h.version, depth: h.layers.len() }))
+    }
+
+    /// Whether HEAD, a kept version of `cache` or any snapshot names `layer`.
+    fn layer_named(&self, cache: &CacheKey, layer: &LayerId) -> Result<bool, StoreError> {
+        if self.head(cache)?.is_some_and(|h| h.layers.contains(layer)) {
+            return Ok(true);
+        }
+        if self.versions(cache)?.iter().any(|v| v.layers.contains(layer)) {
+            return Ok(true);
+        }
+        Ok(self.snapshots()?.iter().any(|s| s.layers.contains(layer)))
     }
 
     /// Points HEAD at base + the promoted layer if HEAD is still the volume's base (same version
@@ -227,17 +248,17 @@ impl Store {
         let key = &record.cache;
         let current = self.head(key)?;
         let current_version = current.as_ref().map_or(Head::NONE, |h| h.version);
-        if let Some(head) = current.as_ref().filter(|h| h.layers.contains(&promoted.layer)) {
-            // A retry after a crash that came after the HEAD write: the commit already happened.
-            return Ok(Advanced::Committed { version: head.version, depth: head.layers.len() });
+        // A retry after a crash that came after the HEAD write: the commit already happened.
+        if let Some(done) = self.head_names(record, &promoted.layer)? {
+            return Ok(done);
         }
         let base = record.base.version;
         let current_lineage = current.as_ref().map_or("", |h| h.lineage.as_str());
-        // A version number of another lifetime of the cache (removed and begun again since) is
-        // no base at all: its change is never stacked onto unrelated content.
-        // A volume that began from no version at all has no lifetime to confuse.
-        let other_lifetime =
-            current.is_some() && !record.base.lineage.is_empty() && current_lineage != record.base.lineage;
+        // A version number of another lifetime of the cache (removed, and maybe begun again,
+        // since) is no base at all: its change is never stacked onto unrelated content or onto
+        // nothing. A volume that began from no version of its own has no lifetime to confuse.
+        let had_base = base != Head::NONE;
+        let other_lifetime = had_base && (current.is_none() || current_lineage != record.base.lineage);
         let same_base = current_version == base && current_lineage == record.base.lineage;
         let below: Vec<LayerId> = if same_base {
             match (&current, record.policy.fresh) {
@@ -260,8 +281,10 @@ impl Store {
         };
         let mut layers = below;
         layers.push(promoted.layer.clone());
-        // A cache without a HEAD starts a new lifetime; every later version keeps its lineage.
-        let lineage = current.as_ref().map_or_else(Head::new_lineage, |h| h.lineage.clone());
+        // A cache without a HEAD starts a new lifetime; every later version keeps its lineage
+        // (one written before lineages existed gets one now).
+        let lineage =
+            current.as_ref().map(|h| h.lineage.clone()).filter(|l| !l.is_empty()).unwrap_or_else(Head::new_lineage);
         let head = Head { version: current_version + 1, layers, updated_unix: now_unix(), lineage };
         atomic::create_dir_durable(&self.layout.cache_dir(key))?;
         let pod = record

@@ -314,7 +314,19 @@ impl Store {
         if let Some(gid) = record.mount_group {
             root::give_to_group(&new, gid)?;
         }
-        std::fs::rename(&new, &upper).map_err(|e| StoreError::io("rename", &new, e))
+        std::fs::rename(&new, &upper).map_err(|e| StoreError::io("rename", &new, e))?;
+        // A volume whose upper vanished in a power cut could never be staged again.
+        atomic::sync_dir(&self.layout.volume_dir(id))
+    }
+
+    /// Makes the volume's upper and work directories again if they are missing and nothing
+    /// was promoted from them (a power cut right after the volume was created).
+    pub fn ensure_volume_dirs(&self, record: &VolumeRecord) -> Result<(), StoreError> {
+        if record.pending.is_none() && record.decision.is_none() {
+            let _pin = self.state_lock(false)?;
+            self.create_volume_dirs(record)?;
+        }
+        Ok(())
     }
 
     /// The directory whose root attributes a new volume's root copies: the top layer of what
@@ -332,10 +344,13 @@ impl Store {
     }
 
     /// Gives a volume's root to a pod's fsGroup (recorded first, so a repeat re-applies it).
-    /// Only the root changes: new entries inherit the group through setgid.
-    pub fn set_mount_group(&self, id: &VolumeId, gid: u32) -> Result<VolumeRecord, StoreError> {
+    /// Only the root changes: new entries inherit the group through setgid. While the volume
+    /// is mounted the change goes through the mount (`merged`): overlay keeps the root's
+    /// attributes from mount time and would not see a change made to the upper beneath it.
+    pub fn set_mount_group(&self, id: &VolumeId, gid: u32, merged: Option<&Path>) -> Result<VolumeRecord, StoreError> {
         let record = self.update_volume(id, |r| r.mount_group = Some(gid))?;
-        root::give_to_group(&self.layout.upper_dir(id), gid)?;
+        let root = merged.map_or_else(|| self.layout.upper_dir(id), Path::to_path_buf);
+        root::give_to_group(&root, gid)?;
         Ok(record)
     }
 
