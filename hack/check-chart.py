@@ -328,6 +328,7 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
     r.equal(serve.get("publish-deadline"), want["publishDeadline"],
             f"{t} driver --publish-deadline {want['publishDeadline']}")
     r.equal(serve.get("lock-timeout"), want["lockTimeout"], f"{t} driver --lock-timeout {want['lockTimeout']}")
+    r.equal(serve.get("keep-versions"), want["keepVersions"], f"{t} driver --keep-versions {want['keepVersions']}")
     r.equal(serve.get("capacity-reserve"), want["capacityReserve"],
             f"{t} driver --capacity-reserve {want['capacityReserve']} after serve")
 
@@ -746,6 +747,7 @@ DEFAULT_WANT = {
     "inlinePublishNamespaces": [],
     "metrics": None,
     "capacityReserve": "1GiB",
+    "keepVersions": "5",
     "capacity": {"pollInterval": "1m"},
     "snapshots": None,
 }
@@ -778,6 +780,7 @@ TEST_WANT = {
     "metrics": {"port": 9900, "serviceMonitor": {"interval": "15s", "labels": {"release": "kube-prometheus-stack"}},
                 "dashboard": True},
     "capacityReserve": "5GiB",
+    "keepVersions": "3",
     "capacity": {"pollInterval": "30s"},
     "snapshots": {"className": "ci-cache-snapshots", "isDefault": True, "workerThreads": "3", "timeout": "90s"},
 }
