@@ -996,10 +996,7 @@ fn version_rows(store: &Store, key: &CacheKey) -> Result<Vec<VersionRow>, CliErr
     use crate::store::history::Origin;
     let mut rows = Vec::new();
     for v in store.versions(key)? {
-        let mut bytes = 0;
-        for layer in &v.layers {
-            bytes += store.layer(layer)?.map_or(0, |r| r.bytes);
-        }
+        let bytes = store.layers_size(&v.layers)?.0;
         let by = match &v.origin {
             Origin::Publish { volume, pod: Some(pod) } => format!("volume {volume} (pod {pod})"),
             Origin::Publish { volume, pod: None } => format!("volume {volume}"),

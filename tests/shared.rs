@@ -20,6 +20,18 @@ use jobcachefs::mount::{Mounter, SysMounter};
 // publish, and this test is about sharing, not about pod outcomes.
 const ATTRS: &[(&str, &str)] = &[("cacheName", "npm"), ("publishWhen", "always")];
 
+/// The command line as one node of a shared store runs it.
+fn shared_cli(state: &Path, shared: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_jobcachefs"))
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--shared-dir")
+        .arg(shared)
+        .args(args)
+        .output()
+        .expect("run cli")
+}
+
 fn version(shared: &Path, local: &Path) -> u64 {
     let layout = jobcachefs::store::Layout::new(local).unwrap().with_shared(shared).unwrap();
     let store = jobcachefs::store::Store::open(layout).unwrap();
@@ -83,15 +95,7 @@ async fn two_nodes_exchange_versions_through_a_shared_store() {
     assert_eq!(version(&shared, &a_state), 3);
 
     // B still has v2 mounted while A squashes and collects: B's pinned layers must survive.
-    let cli = |state: &Path, args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_jobcachefs"))
-            .arg("--state-dir")
-            .arg(state)
-            .args(["--shared-dir", shared_arg])
-            .args(args)
-            .output()
-            .expect("run cli")
-    };
+    let cli = |state: &Path, args: &[&str]| shared_cli(state, &shared, args);
     let out = cli(&a_state, &["cache", "squash", "npm", "--namespace", "ci", "--max-depth", "1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = cli(&a_state, &["cache", "gc"]);
@@ -135,13 +139,7 @@ fn eviction_on_one_node_keeps_a_cache_another_node_has_mounted() {
         .expect("mount tmpfs as the shared filesystem");
     let (a_state, b_state) = (sb.dir.path().join("node-a"), sb.dir.path().join("node-b"));
     let cli = |state: &Path, args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_jobcachefs"))
-            .arg("--state-dir")
-            .arg(state)
-            .args(["--shared-dir", shared.to_str().unwrap()])
-            .args(args)
-            .output()
-            .expect("run cli");
+        let out = shared_cli(state, &shared, args);
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };

@@ -82,10 +82,11 @@ pub enum OpsError {
          unpublish it from the pods using it first"
     )]
     GroupDiffers { volume: VolumeId, has: u32, asked: u32 },
-    /// A volume mounted writable with changes cannot be snapshotted or cloned consistently.
+    /// A volume mounted writable cannot be snapshotted or cloned consistently: it may change
+    /// while it is copied.
     #[error(
-        "volume {volume} is mounted writable at {at} and holds changes: snapshot or clone it once it is \
-         unpublished and unstaged (its change is then copied whole)"
+        "volume {volume} is mounted writable at {at}: snapshot or clone it once it is unpublished and \
+         unstaged (its change is then copied whole)"
     )]
     MountedWritable { volume: VolumeId, at: PathBuf },
     /// A snapshot name already names a snapshot of another volume.
@@ -369,17 +370,11 @@ impl Engine {
         let existed = self.store.volume(&req.id)?.is_some();
         let record = self.store.create_volume(&req)?;
         let mounted = existed && self.is_mounted_at(&record, &target)?;
-        let record = match self.apply_group(record, group, mounted, mounted.then_some(target.as_path())) {
-            Ok(record) => record,
-            Err(err) => {
-                if !existed {
-                    self.store.drop_volume(&req.id)?;
-                }
-                return Err(err);
-            }
-        };
-        let mounted_now = match self.mount_volume(&record, &target) {
-            Ok(now) => now,
+        let mounted_now = self
+            .apply_group(record, group, mounted, mounted.then_some(target.as_path()))
+            .and_then(|record| Ok((self.mount_volume(&record, &target)?, record)));
+        let (mounted_now, record) = match mounted_now {
+            Ok(done) => done,
             Err(err) => {
                 if !existed {
                     // Nothing of ours is mounted: the new volume would only pin layers forever.
@@ -388,25 +383,19 @@ impl Engine {
                 return Err(err);
             }
         };
-        let (mut files, mut bytes) = (0, 0);
-        for layer in &record.base.layers {
-            if let Some(rec) = self.store.layer(layer)? {
-                files += rec.files;
-                bytes += rec.bytes;
-            }
-        }
+        let (bytes, files) = self.store.layers_size(&record.base.layers)?;
         tracing::info!(cache.namespace = %record.cache.namespace, cache.name = %record.cache.name,
             head.version = record.base.version, layers = record.base.layers.len(), "restored");
         let restored = Restored { volume: record, files, bytes };
         if mounted_now {
-            self.restore_seen(&restored.volume, started.elapsed());
+            self.restore_seen(&restored.volume, started.elapsed(), Some((bytes, files)));
         }
         Ok(restored)
     }
 
     /// Counts a volume that was just mounted (a repeated call mounts nothing and counts
-    /// nothing) and tells the user on the PVC or pod.
-    fn restore_seen(&self, record: &VolumeRecord, took: Duration) {
+    /// nothing) and tells the user on the PVC or pod; `size` is its base's, when known.
+    fn restore_seen(&self, record: &VolumeRecord, took: Duration, size: Option<(u64, u64)>) {
         let result = if record.base.layers.is_empty() {
             RestoreResult::miss
         } else if record.base.from != record.cache {
@@ -418,13 +407,10 @@ impl Engine {
         if self.pods.is_none() {
             return;
         }
-        let (mut files, mut bytes) = (0, 0);
-        for layer in &record.base.layers {
-            if let Ok(Some(rec)) = self.store.layer(layer) {
-                files += rec.files;
-                bytes += rec.bytes;
-            }
-        }
+        let (bytes, files) = match size {
+            Some(size) => size,
+            None => self.store.layers_size(&record.base.layers).unwrap_or_default(),
+        };
         let what = format!(
             "v{} ({} layers, {files} files, {})",
             record.base.from_version,
@@ -603,7 +589,9 @@ impl Engine {
     /// owned task: nothing here may rely on the caller.
     async fn release_now(&self, id: &VolumeId, allow: bool, pods_vetoed: bool) -> Result<Option<Released>, OpsError> {
         let started = std::time::Instant::now();
-        let record = self.store.volume(id).ok().flatten();
+        let (this, vid) = (self.clone(), id.clone());
+        // Only for counting and telling the user: an unreadable record is the commit's to report.
+        let record = blocking(move || Ok(this.store.volume(&vid).ok().flatten())).await?;
         let may_publish = record.as_ref().is_some_and(|r| r.policy.publish && !r.policy.read_only);
         let cache = record.as_ref().map(|r| (r.cache.clone(), r.base.version));
         let released = self.commit(id, allow).await;

@@ -107,7 +107,7 @@ impl Engine {
                     r.flags = flags;
                 })?;
                 if this.mount_volume(&record, &staging)? {
-                    this.restore_seen(&record, started.elapsed());
+                    this.restore_seen(&record, started.elapsed(), None);
                 }
                 Ok(record)
             })
@@ -391,28 +391,33 @@ impl Engine {
     /// The upper's usage: measured on the first ask, then served from the cache and measured
     /// again in the background once older than [`USAGE_TTL`].
     fn usage_of(&self, id: &VolumeId, upper: &Path) -> Result<crate::store::tree::TreeStats, OpsError> {
-        let cached = self.usage.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied();
+        let cached = {
+            // One look under the lock decides, so two polls never start two walks.
+            let mut cache = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+            cache.get_mut(id).map(|u| {
+                let refresh = u.at.elapsed() >= USAGE_TTL && !u.refreshing;
+                u.refreshing |= refresh;
+                (u.stats, refresh)
+            })
+        };
         match cached {
-            Some(u) if u.at.elapsed() < USAGE_TTL || u.refreshing => Ok(u.stats),
-            Some(u) => {
-                if let Some(entry) = self.usage.lock().unwrap_or_else(|p| p.into_inner()).get_mut(id) {
-                    entry.refreshing = true;
-                }
+            Some((stats, false)) => Ok(stats),
+            Some((stats, true)) => {
                 let (cache, id, upper) = (self.usage.clone(), id.clone(), upper.to_path_buf());
                 tokio::task::spawn_blocking(move || {
                     let measured = crate::store::tree::measure(&upper);
                     let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-                    match measured {
-                        Ok(stats) => {
+                    // A volume released meanwhile was forgotten: it stays forgotten.
+                    match (measured, cache.contains_key(&id)) {
+                        (Ok(stats), true) => {
                             cache.insert(id, Usage { at: std::time::Instant::now(), stats, refreshing: false });
                         }
-                        // Gone meanwhile (released): forget it.
-                        Err(_) => {
+                        _ => {
                             cache.remove(&id);
                         }
                     }
                 });
-                Ok(u.stats)
+                Ok(stats)
             }
             None => {
                 let stats = crate::store::tree::measure(upper).map_err(StoreError::from)?;

@@ -573,23 +573,20 @@ impl Store {
         Ok(out)
     }
 
-    /// Counts for the metrics: caches, layers and bytes as `cache ls` computes them.
+    /// Counts for the metrics: caches, layers and bytes from the same layer records `cache ls`
+    /// sums.
     pub fn summary(&self) -> Result<StoreSummary, StoreError> {
         let mut out = StoreSummary::default();
         let mut seen = std::collections::BTreeSet::new();
         for key in self.caches()? {
-            let info = self.cache_info(&key)?;
-            if info.version == 0 {
-                continue;
-            }
+            // HEAD alone: counting each cache's live volumes (as cache_info does) would read
+            // every volume record once per cache on every scrape.
+            let Some(head) = self.head(&key)? else { continue };
             out.caches += 1;
-            out.deepest = out.deepest.max(info.layers.len() as u64);
-            for layer in info.layers {
-                if seen.insert(layer.clone()) {
-                    out.layers += 1;
-                    out.bytes += self.layer(&layer)?.map_or(0, |r| r.bytes);
-                }
-            }
+            out.deepest = out.deepest.max(head.layers.len() as u64);
+            let new: Vec<LayerId> = head.layers.into_iter().filter(|l| seen.insert(l.clone())).collect();
+            out.layers += new.len() as u64;
+            out.bytes += self.layers_size(&new)?.0;
         }
         let now = now_unix();
         for volume in self.volumes()? {
@@ -602,17 +599,24 @@ impl Store {
         Ok(out)
     }
 
-    /// HEAD, sizes, last use and live volumes of one cache.
-    pub fn cache_info(&self, key: &CacheKey) -> Result<CacheInfo, StoreError> {
-        let head = self.head(key)?;
-        let (version, layers) = head.map_or((0, Vec::new()), |h| (h.version, h.layers));
+    /// Bytes and entries of `layers`, by their records: the one place a size is computed,
+    /// for listings, metrics, Events and snapshots alike.
+    pub fn layers_size(&self, layers: &[LayerId]) -> Result<(u64, u64), StoreError> {
         let (mut bytes, mut files) = (0, 0);
-        for layer in &layers {
+        for layer in layers {
             if let Some(rec) = self.layer(layer)? {
                 bytes += rec.bytes;
                 files += rec.files;
             }
         }
+        Ok((bytes, files))
+    }
+
+    /// HEAD, sizes, last use and live volumes of one cache.
+    pub fn cache_info(&self, key: &CacheKey) -> Result<CacheInfo, StoreError> {
+        let head = self.head(key)?;
+        let (version, layers) = head.map_or((0, Vec::new()), |h| (h.version, h.layers));
+        let (bytes, files) = self.layers_size(&layers)?;
         let volumes = self.live_volumes(key, &layers)?;
         Ok(CacheInfo {
             cache: key.clone(),

@@ -82,10 +82,7 @@ impl Store {
         let _pin = self.state_lock(false)?;
         let mut layers = volume.base.layers.clone();
         layers.extend(self.copy_upper_layer(volume)?);
-        let mut bytes = 0;
-        for layer in &layers {
-            bytes += self.layer(layer)?.map_or(0, |r| r.bytes);
-        }
+        let bytes = self.layers_size(&layers)?.0;
         let record = SnapshotRecord {
             id,
             name: name.to_string(),
