@@ -70,27 +70,26 @@ impl Store {
             origin,
         };
         atomic::write_json(&self.layout.version_path(key, head.version), &record)?;
-        self.prune_versions(key, head.version, &head.lineage, keep.max(1))
+        self.prune_versions(key, head.version, keep.max(1))
     }
 
-    /// Removes version records older than the last `keep` of `lineage`, and those of other
-    /// lifetimes (a removed cache's).
-    fn prune_versions(&self, key: &CacheKey, newest: u64, lineage: &str, keep: usize) -> Result<(), StoreError> {
+    /// Removes version records older than the last `keep`, by their names alone: this runs
+    /// under the publish lock on every commit. Records of another lifetime within the window
+    /// are ignored by [`Store::versions`] and overwritten as the numbers come round again;
+    /// no fsync either: a removal undone by a crash only keeps a version a little longer.
+    fn prune_versions(&self, key: &CacheKey, newest: u64, keep: usize) -> Result<(), StoreError> {
         let dir = self.layout.versions_dir(key);
-        let mut removed = false;
-        for record in self.version_records(key)? {
-            let too_old = record.version + keep as u64 <= newest;
-            if too_old || record.lineage != lineage {
-                let path = self.layout.version_path(key, record.version);
+        for name in read_dir(&dir)? {
+            let text = name.to_string_lossy();
+            let Some(n) = text.strip_suffix(".json").and_then(|n| n.parse::<u64>().ok()) else { continue };
+            if n + keep as u64 <= newest {
+                let path = dir.join(&name);
                 match std::fs::remove_file(&path) {
-                    Ok(()) => removed = true,
+                    Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(StoreError::io("remove", &path, e)),
                 }
             }
-        }
-        if removed {
-            atomic::sync_dir(&dir)?;
         }
         Ok(())
     }
