@@ -57,6 +57,7 @@ fn main() {
                 flags: jobcachefs::mount::MountOptions::default(),
                 root: Default::default(),
                 content: None,
+                cache_size: None,
             }
         };
         let publish = Policy { publish: true, ..Policy::default() };

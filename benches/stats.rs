@@ -50,6 +50,7 @@ fn main() {
             flags: jobcachefs::mount::MountOptions::default(),
             root: Default::default(),
             content: None,
+            cache_size: None,
         };
         rt.block_on(engine.restore(req)).expect("restore");
         for i in 0..n {

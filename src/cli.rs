@@ -107,6 +107,10 @@ pub struct ServeArgs {
     /// scheduler stops sending volumes before the node is full.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub capacity_reserve: u64,
+    /// Give every cache used without a `cacheSize` an image file of this size (e.g. 20Gi), so
+    /// no job can fill the node's disk. Off by default: such caches live on the state dir.
+    #[arg(long, value_parser = parse_cache_size)]
+    pub default_cache_size: Option<u64>,
 }
 
 /// The publish-lock backends.
@@ -142,6 +146,10 @@ pub struct VolumeArgs {
     /// Do not publish a change bigger than this (e.g. 500MiB).
     #[arg(long, value_parser = parse_size)]
     pub max_bytes: Option<u64>,
+    /// Keep the cache's layers and this job's changes in an image file of this size (e.g. 20Gi):
+    /// a job that writes past it gets ENOSPC and the node's disk is untouched. Only grows.
+    #[arg(long, value_parser = parse_cache_size)]
+    pub cache_size: Option<u64>,
     /// Give the cache's root directory to this user and group (UID:GID) before the job sees it.
     #[arg(long, value_parser = parse_ids)]
     pub owner: Option<(u32, u32)>,
@@ -301,6 +309,15 @@ fn parse_on_stale(s: &str) -> Result<OnStale, String> {
         "stack" => Ok(OnStale::Stack),
         _ => Err("must be skip or stack".into()),
     }
+}
+
+/// A cache size: a Kubernetes quantity (20Gi) or a size like 500MiB, at least 16Mi.
+fn parse_cache_size(s: &str) -> Result<u64, String> {
+    let bytes = crate::store::image::parse_size(s).map_or_else(|| parse_size(s), Ok)?;
+    if bytes < crate::store::image::MIN_CACHE_SIZE {
+        return Err("must be at least 16Mi (an ext4 image with a journal)".into());
+    }
+    Ok(bytes)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -553,6 +570,7 @@ async fn run_command(engine: Engine, args: RunArgs) -> Result<ExitCode, CliError
         flags: crate::mount::MountOptions::default(),
         root: args.volume.root(args.user),
         content: None,
+        cache_size: args.volume.cache_size,
     };
     let restored = match engine.restore(req).await {
         Ok(r) => r,
@@ -647,6 +665,7 @@ async fn mount_command(engine: Engine, args: MountArgs) -> Result<ExitCode, CliE
         flags: crate::mount::MountOptions::default(),
         root: args.volume.root(None),
         content: None,
+        cache_size: args.volume.cache_size,
     };
     let restored = engine.restore(req).await?;
     println!("jobcachefs: {} at {}", describe_restore(&restored), path.display());
@@ -699,8 +718,20 @@ async fn serve_command(engine: Engine, args: ServeArgs) -> Result<ExitCode, CliE
     } else {
         None
     };
+    // Say once what limits a job's writes, so an admin does not assume more than is enforced.
+    let (ext4_quota, xfs_quota) = crate::mount::probe::kernel_quotas();
+    tracing::info!(
+        default_cache_size = ?args.default_cache_size,
+        ext4_project_quota_possible = ext4_quota,
+        xfs_project_quota_possible = xfs_quota,
+        "size limits: a cache with cacheSize (or --default-cache-size) lives in an image file of that size \
+         and its jobs get ENOSPC past it; a volume's capacity_range is not enforced per volume"
+    );
     let metrics = Arc::new(crate::metrics::Metrics::new(args.metrics_cache_label));
-    let mut engine = engine.with_publish_deadline(args.publish_deadline).with_metrics(metrics.clone());
+    let mut engine = engine
+        .with_publish_deadline(args.publish_deadline)
+        .with_metrics(metrics.clone())
+        .with_default_cache_size(args.default_cache_size);
     if args.lock == LockBackend::Lease {
         let client = client.clone().ok_or_else(|| CliError::Usage("--lock lease needs Kubernetes access".into()))?;
         let timing = crate::lock::LeaseTiming { duration: args.lease_duration, ..Default::default() };

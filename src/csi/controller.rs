@@ -128,6 +128,7 @@ impl Controller for ControllerService {
                 flags: crate::mount::MountOptions::default(),
                 root: params.root,
                 content: content.map(|(c, _)| c),
+                cache_size: params.cache_size,
             };
             let record = driver.engine.create(new).await?;
             tracing::info!(volume.id = %id, cache.namespace = %record.cache.namespace, cache.name = %record.cache.name,

@@ -151,6 +151,7 @@ impl Node for NodeService {
                     flags,
                     root: params.root,
                     content: None,
+                    cache_size: params.cache_size,
                 };
                 driver.engine.publish_inline(new, pod, group).await?;
                 return Ok(pb::NodePublishVolumeResponse {});

@@ -26,6 +26,7 @@ const KEYS: &[&str] = &[
     "mode",
     "worldWritable",
     "keepVersions",
+    "cacheSize",
 ];
 
 /// Where a volume comes from, which decides who owns its publish right.
@@ -50,6 +51,8 @@ pub struct VolumeParams {
     pub publish_when: PublishWhen,
     /// Owner and mode of the volume's root.
     pub root: RootSpec,
+    /// The cache's size (`cacheSize`): its layers and uppers live in an image of that size.
+    pub cache_size: Option<u64>,
     /// Our parameters as given, for idempotency checks and the volume context.
     pub given: BTreeMap<String, String>,
 }
@@ -146,6 +149,14 @@ impl VolumeParams {
                     .map_err(|_| invalid("maxBytes", "must be a size in bytes such as 1073741824 or 1GiB"))?,
             ),
         };
+        let cache_size = match map.get("cacheSize") {
+            None => None,
+            Some(v) => match crate::store::image::parse_size(v) {
+                Some(bytes) if bytes >= crate::store::image::MIN_CACHE_SIZE => Some(bytes),
+                Some(_) => return Err(invalid("cacheSize", "must be at least 16Mi (an ext4 image with a journal)")),
+                None => return Err(invalid("cacheSize", crate::store::image::SIZE_RULE)),
+            },
+        };
         let mut fallbacks = Vec::new();
         for item in map.get("fallbackCaches").map(String::as_str).unwrap_or("").split(',') {
             let item = item.trim();
@@ -183,7 +194,7 @@ impl VolumeParams {
                 },
             };
         let policy = Policy { publish, fresh, on_stale, max_bytes, read_only: false, publish_when, keep_versions };
-        Ok(Self { cache, policy, fallbacks, publish_when, root, given })
+        Ok(Self { cache, policy, fallbacks, publish_when, root, cache_size, given })
     }
 
     /// What CreateVolume returns as the volume context.
@@ -218,6 +229,8 @@ mod tests {
             (&[("cacheName", "m2"), ("onStale", "merge")], Err("parameter onStale")),
             (&[("cacheName", "m2"), ("publishWhen", "sometimes")], Err("parameter publishWhen")),
             (&[("cacheName", "m2"), ("maxBytes", "lots")], Err("parameter maxBytes")),
+            (&[("cacheName", "m2"), ("cacheSize", "20MB")], Err("parameter cacheSize")),
+            (&[("cacheName", "m2"), ("cacheSize", "1Mi")], Err("at least 16Mi")),
             (&[("cacheName", "m2"), ("fallbackCaches", "main,../etc")], Err("parameter fallbackCaches")),
             (&[("cacheName", "m2"), ("cachename", "typo")], Err("parameter cachename is invalid")),
             (&[("cacheName", "m2"), (PVC_NAMESPACE, "Bad_NS")], Err("namespace")),
@@ -328,5 +341,9 @@ mod tests {
         .unwrap();
         assert_eq!(p.fallbacks.iter().map(|c| c.to_string()).collect::<Vec<_>>(), ["default/main", "default/release"]);
         assert_eq!(p.policy.max_bytes, Some(1 << 30));
+        assert_eq!(p.cache_size, None);
+        let sized = VolumeParams::parse(&map(&[("cacheName", "m2"), ("cacheSize", "20Gi")]), Kind::Persistent, &HashSet::new())
+            .unwrap();
+        assert_eq!(sized.cache_size, Some(20 << 30));
     }
 }

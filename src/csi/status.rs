@@ -55,7 +55,10 @@ fn store_code(e: &StoreError) -> Code {
         StoreError::VolumeConflict { .. } => Code::AlreadyExists,
         StoreError::NoVersion(_) | StoreError::VersionNotKept { .. } => Code::NotFound,
         StoreError::AlreadyCurrent { .. } => Code::FailedPrecondition,
-        StoreError::StateDir(_)
+        StoreError::CacheSizeTooSmall { .. } => Code::InvalidArgument,
+        StoreError::ImageTaken { .. } => Code::FailedPrecondition,
+        StoreError::ImageNotMounted { .. }
+        | StoreError::StateDir(_)
         | StoreError::Io { .. }
         | StoreError::Corrupt { .. }
         | StoreError::MissingLayer { .. }
@@ -73,6 +76,7 @@ fn mount_code(e: &MountError) -> Code {
         | MountError::Bind { .. }
         | MountError::Unmount { .. }
         | MountError::MountInfo { .. }
+        | MountError::Image { .. }
         | MountError::Resolve { .. } => Code::Internal,
     }
 }
@@ -90,7 +94,7 @@ fn lock_code(e: &LockError) -> Code {
 fn ops_code(e: &OpsError) -> Code {
     match e {
         OpsError::Store(e) => store_code(e),
-        OpsError::Mount { source, .. } => mount_code(source),
+        OpsError::Mount { source, .. } | OpsError::Image { source, .. } => mount_code(source),
         OpsError::Lock { source, .. } | OpsError::CacheLock { source, .. } => lock_code(source),
         OpsError::ForeignMount { .. }
         | OpsError::StagedElsewhere { .. }

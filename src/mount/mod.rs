@@ -3,6 +3,7 @@
 //! Everything that calls mount(2)/umount2(2) sits behind [`Mounter`] so handlers can be
 //! unit-tested on a recording double that asserts the exact mount sequence.
 
+pub mod image;
 pub mod info;
 pub mod probe;
 #[cfg(test)]
@@ -128,6 +129,9 @@ pub enum MountError {
     /// /proc/self/mountinfo could not be read.
     #[error("read {path}: {source}")]
     MountInfo { path: PathBuf, source: io::Error },
+    /// A cache image could not be attached, mounted or grown.
+    #[error("{op} {path}: {source}")]
+    Image { op: &'static str, path: PathBuf, source: io::Error },
     /// A path to look up could not be resolved.
     #[error("resolve {path}: {source}")]
     Resolve { path: PathBuf, source: io::Error },
@@ -142,6 +146,10 @@ pub trait Mounter: Send + Sync {
     fn bind(&self, source: &Path, target: &Path, readonly: bool) -> Result<(), MountError>;
     /// Unmounts `target` without forcing or detaching; a busy mount is [`MountError::Busy`].
     fn unmount(&self, target: &Path) -> Result<Unmounted, MountError>;
+    /// Attaches the ext4 image `file` to a loop device and mounts it on `target`.
+    fn image(&self, file: &Path, target: &Path) -> Result<(), MountError>;
+    /// Grows the image mounted on `target`, whose file the caller extended to `bytes`.
+    fn grow_image(&self, target: &Path, bytes: u64) -> Result<(), MountError>;
     /// The mount whose mount point is exactly `path` (the topmost one), if any.
     fn mount_at(&self, path: &Path) -> Result<Option<MountEntry>, MountError>;
     /// Every mount point whose overlay writes to `upper` (the volume's mount and its binds).

@@ -269,6 +269,14 @@ fn magic_name(magic: u32) -> String {
     name.to_owned()
 }
 
+/// Which project quotas the kernel could enforce: ext4's need `CONFIG_QUOTA` (its sysctls exist
+/// only then), XFS's `CONFIG_XFS_QUOTA` (`/proc/fs/xfs/xqm` exists only then).
+pub fn kernel_quotas() -> (bool, bool) {
+    let ext4 = std::path::Path::new("/proc/sys/fs/quota").is_dir();
+    let xfs = std::path::Path::new("/proc/fs/xfs/xqm").exists();
+    (ext4, xfs)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

@@ -20,6 +20,10 @@ pub enum Call {
     Bind { source: PathBuf, target: PathBuf, readonly: bool },
     /// [`Mounter::unmount`].
     Unmount { target: PathBuf },
+    /// [`Mounter::image`].
+    Image { file: PathBuf, target: PathBuf },
+    /// [`Mounter::grow_image`].
+    GrowImage { target: PathBuf, bytes: u64 },
 }
 
 /// Which operation an injected failure applies to.
@@ -31,6 +35,8 @@ pub enum CallKind {
     Bind,
     /// [`Mounter::unmount`].
     Unmount,
+    /// [`Mounter::image`].
+    Image,
     /// [`Mounter::mount_at`], which is not recorded (it changes nothing) but can fail.
     MountAt,
 }
@@ -184,6 +190,33 @@ impl Mounter for RecordingMounter {
             },
         };
         state.push(target, fake);
+        Ok(())
+    }
+
+    fn image(&self, file: &Path, target: &Path) -> Result<(), MountError> {
+        let mut state = self.state();
+        state.calls.push(Call::Image { file: file.to_path_buf(), target: target.to_path_buf() });
+        if let Some(source) = state.take_failure(CallKind::Image) {
+            return Err(MountError::Image { op: "mount image on", path: target.to_path_buf(), source });
+        }
+        let id = state.new_id();
+        let fake = Fake {
+            id,
+            major_minor: format!("7:{id}"),
+            root: PathBuf::from("/"),
+            fstype: "ext4".to_owned(),
+            source: format!("/dev/loop{id}"),
+            super_options: "rw,errors=remount-ro".to_owned(),
+            readonly: false,
+            flags: vec!["nosuid", "nodev"],
+        };
+        state.push(target, fake);
+        Ok(())
+    }
+
+    fn grow_image(&self, target: &Path, bytes: u64) -> Result<(), MountError> {
+        let mut state = self.state();
+        state.calls.push(Call::GrowImage { target: target.to_path_buf(), bytes });
         Ok(())
     }
 

@@ -120,6 +120,19 @@ impl Mounter for SysMounter {
         Ok(())
     }
 
+    fn image(&self, file: &Path, target: &Path) -> Result<(), MountError> {
+        super::image::mount(file, target)
+    }
+
+    fn grow_image(&self, target: &Path, bytes: u64) -> Result<(), MountError> {
+        let entry = self.mount_at(target)?.ok_or_else(|| MountError::Image {
+            op: "grow",
+            path: target.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no image is mounted there"),
+        })?;
+        super::image::grow(Path::new(&entry.source), target, bytes)
+    }
+
     fn unmount(&self, target: &Path) -> Result<Unmounted, MountError> {
         match canonical(target) {
             // Nothing mounted exactly there: do not let umount2 act on whatever else the

@@ -6,6 +6,7 @@
 //! (a gRPC deadline drops the request's future) cannot cut it short, and a call that arrives
 //! while it runs is refused with [`OpsError::InFlight`] until it is done.
 
+mod images;
 mod inflight;
 mod node;
 mod snapshots;
@@ -95,6 +96,9 @@ pub enum OpsError {
     /// A directory operation of the lifecycle (mount points) failed.
     #[error("volume {volume}: {op} {path}: {source}")]
     Io { volume: VolumeId, op: &'static str, path: PathBuf, source: std::io::Error },
+    /// A cache image could not be mounted, grown or unmounted.
+    #[error("cache image {image}: {source}")]
+    Image { image: crate::store::layout::ImageTag, source: MountError },
     /// Squash could not mount or unmount its read-only view.
     #[error("squash {cache}: {source}")]
     SquashMount { cache: CacheKey, source: MountError },
@@ -149,6 +153,7 @@ impl Released {
                 NotPublished::DeadlinePassed { .. } => "deadline_passed",
                 NotPublished::LockUnusable { .. } => "failed",
                 NotPublished::NoSpace => "no_space",
+                NotPublished::CacheFull { .. } => "cache_full",
             },
         }
     }
@@ -181,6 +186,12 @@ impl std::fmt::Display for Released {
             Released::NotPublished { why: NotPublished::NoSpace } => {
                 write!(f, "not published: the cache's filesystem is full; the change was dropped to free it")
             }
+            Released::NotPublished { why: NotPublished::CacheFull { size_bytes } } => write!(
+                f,
+                "not published: the job ran into the cache's size ({}): what it wrote may be cut short; \
+                 raise cacheSize to keep more",
+                bytesize::ByteSize(*size_bytes).display().iec()
+            ),
             Released::NotPublished { why: NotPublished::DeadlinePassed { after_secs } } => write!(
                 f,
                 "not published: skipped: the publish lock stayed busy past the {after_secs}s publish deadline"
@@ -208,6 +219,7 @@ pub struct Engine {
     background: upkeep::Squasher,
     metrics: Arc<Metrics>,
     usage: node::UsageCache,
+    default_cache_size: Option<u64>,
 }
 
 /// Runs blocking store or mount work off the async threads, inside the caller's span.
@@ -290,7 +302,14 @@ impl Engine {
             background: upkeep::Squasher::default(),
             metrics: Arc::new(Metrics::default()),
             usage: node::UsageCache::default(),
+            default_cache_size: None,
         }
+    }
+
+    /// Gives caches that are used without a size an image of `bytes` (`--default-cache-size`).
+    pub fn with_default_cache_size(mut self, bytes: Option<u64>) -> Self {
+        self.default_cache_size = bytes;
+        self
     }
 
     /// Counts what happens into `metrics` (the driver's `/metrics`).
@@ -368,10 +387,22 @@ impl Engine {
         let started = std::time::Instant::now();
         let target = req.mount_path.clone().ok_or_else(|| OpsError::NoMountPath(req.id.clone()))?;
         let existed = self.store.volume(&req.id)?.is_some();
-        let record = self.store.create_volume(&req)?;
+        let image = self.open_image(&req.cache, req.cache_size)?;
+        let created = self.store.create_volume(&req);
+        // Held until the record names the image: from then on nothing unmounts it under us.
+        drop(image);
+        let record = match created {
+            Ok(record) => record,
+            Err(e) => {
+                self.unmount_idle(&[crate::store::layout::ImageTag::of(&req.cache)]);
+                return Err(e.into());
+            }
+        };
         let mounted = existed && self.is_mounted_at(&record, &target)?;
+        let images = record.images.clone();
         let mounted_now = self
-            .apply_group(record, group, mounted, mounted.then_some(target.as_path()))
+            .mount_images(&images, None)
+            .and_then(|()| self.apply_group(record, group, mounted, mounted.then_some(target.as_path())))
             .and_then(|record| Ok((self.mount_volume(&record, &target)?, record)));
         let (mounted_now, record) = match mounted_now {
             Ok(done) => done,
@@ -379,6 +410,7 @@ impl Engine {
                 if !existed {
                     // Nothing of ours is mounted: the new volume would only pin layers forever.
                     self.store.drop_volume(&req.id)?;
+                    self.unmount_idle(&images);
                 }
                 return Err(err);
             }
@@ -489,7 +521,12 @@ impl Engine {
                 {
                     this.check_clone_source(source)?;
                 }
-                Ok(this.store.create_volume(&req)?)
+                let image = this.open_image(&req.cache, req.cache_size)?;
+                let record = this.store.create_volume(&req)?;
+                drop(image);
+                // Mounted until the volume is released: a PVC's upper lives in the image from now on.
+                this.mount_images(&record.images, None)?;
+                Ok(record)
             })
             .await
         })
@@ -499,13 +536,13 @@ impl Engine {
     /// Whether `path` has this volume's overlay (or a bind of it) mounted on it.
     fn is_mounted_at(&self, record: &VolumeRecord, path: &Path) -> Result<bool, OpsError> {
         let found = self.mounter.mount_at(path).map_err(|source| self.mount_err(record, source))?;
-        Ok(found.is_some_and(|m| crate::mount::writes_to(&m, &self.store.layout().upper_dir(&record.id))))
+        Ok(found.is_some_and(|m| crate::mount::writes_to(&m, &self.store.upper_of(record))))
     }
 
     /// Every mount point of this volume's upper, from mountinfo (the kernel's own guard is off
     /// with `index=off`, so this is what keeps one upper from being mounted twice).
     fn mounts_of(&self, record: &VolumeRecord) -> Result<Vec<PathBuf>, OpsError> {
-        let upper = self.store.layout().upper_dir(&record.id);
+        let upper = self.store.upper_of(record);
         self.mounter.mounts_of_upper(&upper).map_err(|source| self.mount_err(record, source))
     }
 
@@ -517,7 +554,7 @@ impl Engine {
     /// a target holding something else and an upper mounted anywhere else.
     fn mount_volume(&self, record: &VolumeRecord, target: &Path) -> Result<bool, OpsError> {
         if let Some(m) = self.mounter.mount_at(target).map_err(|source| self.mount_err(record, source))? {
-            if !crate::mount::writes_to(&m, &self.store.layout().upper_dir(&record.id)) {
+            if !crate::mount::writes_to(&m, &self.store.upper_of(record)) {
                 return Err(OpsError::ForeignMount {
                     volume: record.id.clone(),
                     target: target.to_path_buf(),
@@ -567,11 +604,10 @@ impl Engine {
     }
 
     fn overlay_spec(&self, record: &VolumeRecord) -> OverlaySpec {
-        let layout = self.store.layout();
         OverlaySpec {
             readonly: record.policy.read_only,
             lower: self.store.lower_dirs(record),
-            upper: Some(UpperDirs { upper: layout.upper_dir(&record.id), work: layout.work_dir(&record.id) }),
+            upper: Some(UpperDirs { upper: self.store.upper_of(record), work: self.store.work_of(record) }),
             flags: record.flags,
         }
     }
@@ -597,6 +633,14 @@ impl Engine {
         let released = self.commit(id, allow).await;
         if released.is_ok() {
             self.usage.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+            if let Some(images) = record.as_ref().map(|r| r.images.clone()).filter(|i| !i.is_empty()) {
+                let this = self.clone();
+                blocking(move || {
+                    this.unmount_idle(&images);
+                    Ok(())
+                })
+                .await?;
+            }
         }
         let released = released.map(|r| {
             r.map(|r| match r {
@@ -637,6 +681,8 @@ impl Engine {
         let vid = id.clone();
         let prepared = blocking(move || {
             let Some(record) = this.store.volume(&vid)? else { return Ok(None) };
+            // After a restart the volume's images may not be mounted yet: its upper is in one.
+            this.mount_images(&record.images, None)?;
             // A layer is never made from an upper that is still writable through another mount
             // (a target left behind by a force-deleted pod): refuse before touching anything.
             let elsewhere = |mounts: Vec<PathBuf>| mounts.into_iter().find(|m| Some(m) != record.mount_path.as_ref());

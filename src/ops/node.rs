@@ -100,6 +100,7 @@ impl Engine {
                     }
                 }
                 create_dir(&id, &staging)?;
+                this.mount_images(&record.images, None)?;
                 this.store.ensure_volume_dirs(&record)?;
                 this.apply_group(record, group, mounted, mounted.then_some(staging.as_path()))?;
                 let record = this.store.update_volume(&id, |r| {
@@ -353,11 +354,11 @@ impl Engine {
             if !mounted && !ours {
                 return Err(OpsError::NotMountedAt { volume: id.clone(), path });
             }
-            let upper = this.store.layout().upper_dir(&record.id);
+            let upper = this.store.upper_of(&record);
             let fs = nix::sys::statvfs::statvfs(&upper).map_err(|e| io_err(&id, "statvfs", &upper, e.into()))?;
             let used = this.usage_of(&id, &upper)?;
             let frsize = fs.fragment_size() as u64;
-            let missing = record.base.layers.iter().find(|l| !this.store.layout().layer_dir(l).is_dir());
+            let missing = record.base.layers.iter().find(|l| !this.store.layer_present(l));
             let mut problems = Vec::new();
             if !mounted {
                 problems.push(format!(

@@ -100,12 +100,11 @@ impl Engine {
                     continue;
                 }
                 let mounted_at = this.mounts_of(&record)?;
-                let layout = this.store.layout();
                 let abnormal = record
                     .base
                     .layers
                     .iter()
-                    .find(|l| !layout.layer_dir(l).is_dir())
+                    .find(|l| !this.store.layer_present(l))
                     .map(|l| format!("layer {l} of cache {} is missing", record.base.from));
                 out.push(Listed { record, mounted_at, abnormal });
             }

@@ -54,6 +54,7 @@ fn pvc(id: &str) -> NewVolume {
         flags: MountOptions::default(),
         root: Default::default(),
         content: None,
+        cache_size: None,
     }
 }
 

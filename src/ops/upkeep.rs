@@ -107,7 +107,39 @@ impl Engine {
         let k = key.clone();
         let mut progress = progress;
         let built = blocking(move || {
-            let plan = match this.store.squash_plan(&k, max_depth)? {
+            // The layers may live in images; a squash reads them, so they stay mounted meanwhile.
+            let images: Vec<_> = match this.store.head(&k)? {
+                Some(head) => this.store.images_of(&head.layers).into_iter().collect(),
+                None => Vec::new(),
+            };
+            this.mount_images(&images, None)?;
+            let built = this.squash_build(&k, max_depth, &mut *progress);
+            this.unmount_idle(&images);
+            built
+        })
+        .await?;
+        let squashed = match built {
+            Ok(s) => s,
+            Err(outcome) => return Ok(outcome),
+        };
+        let this = self.clone();
+        let finished = self.under_cache_lock(key, move || Ok(this.store.squash_finish(squashed)?)).await;
+        if let Ok(SquashOutcome::Squashed { .. }) = &finished {
+            self.metrics.squashed();
+            self.metrics.layer_created();
+        }
+        finished
+    }
+
+    fn squash_build(
+        &self,
+        k: &CacheKey,
+        max_depth: usize,
+        progress: &mut (dyn FnMut(&TreeStats) + Send),
+    ) -> Result<Result<crate::store::squash::Squashed, SquashOutcome>, OpsError> {
+        let this = self;
+        {
+            let plan = match this.store.squash_plan(k, max_depth)? {
                 Ok(plan) => plan,
                 Err(outcome) => return Ok(Err(outcome)),
             };
@@ -132,19 +164,7 @@ impl Engine {
                     })
                 }
             }
-        })
-        .await?;
-        let squashed = match built {
-            Ok(s) => s,
-            Err(outcome) => return Ok(outcome),
-        };
-        let this = self.clone();
-        let finished = self.under_cache_lock(key, move || Ok(this.store.squash_finish(squashed)?)).await;
-        if let Ok(SquashOutcome::Squashed { .. }) = &finished {
-            self.metrics.squashed();
-            self.metrics.layer_created();
         }
-        finished
     }
 
     /// Runs blocking `work` that writes `cache`'s HEAD while holding its publish lock, released
@@ -208,6 +228,8 @@ impl Engine {
         }
         let this = self.clone();
         let report = blocking(move || {
+            // Layers inside images are seen (and freed) only with their image mounted.
+            let images = this.mount_all_images()?;
             let (reclaimed, mut deferred) = this.reclaim_dead_volumes()?;
             let mounter = this.mounter.clone();
             let mut release =
@@ -215,6 +237,10 @@ impl Engine {
             let mut report = this.store.collect(&mut release, &mut |_| {})?;
             report.volumes_reclaimed = reclaimed;
             report.deferred.append(&mut deferred);
+            for cache in this.remove_unused_images()? {
+                tracing::info!(cache.namespace = %cache.namespace, cache.name = %cache.name, "cache image removed");
+            }
+            this.unmount_idle(&images);
             Ok(report)
         })
         .await?;

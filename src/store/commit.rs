@@ -30,6 +30,9 @@ pub enum NotPublished {
     DeadlinePassed { after_secs: u64 },
     /// The state dir's filesystem is full; the delta was dropped to give the space back.
     NoSpace,
+    /// The cache's image was (nearly) full when the volume was released: the job ran into the
+    /// cache's size, and what it wrote may be cut short.
+    CacheFull { size_bytes: u64 },
     /// The publish lock could not be used at all (RBAC, a missing namespace) until the
     /// publish deadline; the delta was dropped.
     LockUnusable { message: String },
@@ -74,7 +77,7 @@ impl Store {
         if let Some(decision) = &record.decision {
             return Ok(Prepared::Decided(decision.clone()));
         }
-        let upper = self.layout.upper_dir(id);
+        let upper = self.upper_of(&record);
         if let Some(layer) = &record.pending {
             if let Some(done) = self.layer(layer)? {
                 return Ok(Prepared::Publish(Promoted {
@@ -83,9 +86,15 @@ impl Store {
                 }));
             }
             let dest = self.layout.layer_dir(layer);
+            if let Some(tag) = record.image.as_ref().filter(|_| !dest.is_dir()) {
+                // A crash between the rename inside the image and the link naming it.
+                if self.layout.image_layer_dir(tag, layer).is_dir() {
+                    self.link_layer(tag, layer)?;
+                }
+            }
             if dest.is_dir() {
                 // A crash between the rename and the layer record: finish the record.
-                let stats = tree::measure(&dest)?;
+                let stats = tree::measure(&self.layer_tree(layer))?;
                 return self.record_layer(&record, layer.clone(), stats);
             }
             if !upper.exists() {
@@ -96,6 +105,13 @@ impl Store {
         }
         if !(record.policy.publish && allow) {
             return Ok(Prepared::Nothing(NotPublished::NotAllowed));
+        }
+        if let Some(tag) = &record.image {
+            // A job that ran into the size may have files cut short: never publish those.
+            let used = self.image_use(tag)?;
+            if used.is_full() {
+                return Ok(Prepared::Nothing(NotPublished::CacheFull { size_bytes: used.size_bytes }));
+            }
         }
         // A volume restored from a snapshot or cloned publishes its content even unchanged:
         // that content is what the cache is meant to become (a rollback over CSI).
@@ -151,7 +167,15 @@ impl Store {
         };
         failpoint::hit("commit.after-pending");
         let dest = self.layout.layer_dir(&layer);
-        if self.layout.is_shared() {
+        if let Some(tag) = &record.image {
+            // Inside the cache's image: still a rename, then a link in layers/ names the layer.
+            self.check_image_mounted(tag)?;
+            let real = self.layout.image_layer_dir(tag, &layer);
+            std::fs::rename(&upper, &real).map_err(|e| StoreError::io("rename upper to layer", &upper, e))?;
+            atomic::sync_dir(&self.layout.image_layers_dir(tag))?;
+            atomic::sync_dir(&self.layout.volume_data_dir(&id, Some(tag)))?;
+            self.link_layer(tag, &layer)?;
+        } else if self.layout.is_shared() {
             self.copy_to_shared(&upper, &layer)?;
         } else {
             std::fs::rename(&upper, &dest).map_err(|e| StoreError::io("rename upper to layer", &upper, e))?;

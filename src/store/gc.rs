@@ -113,6 +113,15 @@ impl Store {
                 if live.contains(&id) || text.ends_with(".json") {
                     continue;
                 }
+                if let Some(tag) = self.layer_image(&id) {
+                    // The tree is inside an image: it goes only with its image mounted, else
+                    // the link stays so a later run finds it.
+                    if !self.image_mounted(&tag) {
+                        report.deferred.push(format!("layer {id}: image {tag} is not mounted"));
+                        continue;
+                    }
+                    doomed.push(self.move_to_trash(&self.layout.image_layer_dir(&tag, &id))?);
+                }
                 report.bytes_freed += self.layer(&id).ok().flatten().map_or(0, |r| r.bytes);
                 doomed.push(self.move_to_trash(&self.layout.layer_dir(&id))?);
                 remove_file_quiet(&self.layout.layer_record(&id))?;
@@ -123,7 +132,8 @@ impl Store {
                 let text = name.to_string_lossy();
                 let Some(stem) = text.strip_suffix(".json") else { continue };
                 let Ok(id) = LayerId::new(stem) else { continue };
-                if !live.contains(&id) && !self.layout.layer_dir(&id).exists() {
+                // A link into an unmounted image is not a missing tree.
+                if !live.contains(&id) && std::fs::symlink_metadata(self.layout.layer_dir(&id)).is_err() {
                     remove_file_quiet(&self.layout.layer_record(&id))?;
                 }
             }
@@ -143,6 +153,7 @@ impl Store {
                     report.scratch_removed += 1;
                 }
             }
+            report.scratch_removed += self.collect_images(&live, &mut doomed)?;
             failpoint::hit("gc.after-trash");
         }
         progress("deleting");
@@ -154,6 +165,41 @@ impl Store {
         }
         report.layers_removed.sort();
         Ok(report)
+    }
+
+    /// Inside each mounted image: layers nothing names (a crash between the rename and the
+    /// link), the parts of volumes that are gone, and trash. Returns how many were doomed.
+    fn collect_images(&self, live: &HashSet<LayerId>, doomed: &mut Vec<PathBuf>) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for image in self.images()? {
+            if !self.image_mounted(&image.tag) {
+                continue;
+            }
+            let layers = self.layout.image_layers_dir(&image.tag);
+            for name in read_dir(&layers)? {
+                let text = name.to_string_lossy();
+                let unnamed = match LayerId::new(text.as_ref()) {
+                    Ok(id) => !live.contains(&id) && std::fs::symlink_metadata(self.layout.layer_dir(&id)).is_err(),
+                    Err(_) => text.starts_with('.'),
+                };
+                if unnamed {
+                    doomed.push(self.move_to_trash(&layers.join(&name))?);
+                    removed += 1;
+                }
+            }
+            let volumes = self.layout.image_mount(&image.tag).join("volumes");
+            for name in read_dir(&volumes)? {
+                let gone = match VolumeId::new(name.to_string_lossy()) {
+                    Ok(id) => self.volume(&id)?.is_none_or(|r| r.image.as_ref() != Some(&image.tag)),
+                    Err(_) => true,
+                };
+                if gone {
+                    doomed.push(self.move_to_trash(&volumes.join(&name))?);
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     fn volume_dirs(&self) -> Result<Vec<VolumeId>, StoreError> {
@@ -205,7 +251,11 @@ impl Store {
         let mut infos = Vec::new();
         for key in self.caches()? {
             // An unreadable cache is never evicted blindly; collect() reports it as deferred.
-            let Ok(info) = self.cache_info(&key) else { continue };
+            let Ok(mut info) = self.cache_info(&key) else { continue };
+            if let Ok(Some(image)) = self.image(&key) {
+                // A cache with an image takes what its image file has allocated on the disk.
+                info.bytes = self.image_allocated_bytes(&image.tag);
+            }
             if info.version > 0 {
                 infos.push(info);
             }

@@ -141,6 +141,58 @@ impl LayerId {
     }
 }
 
+/// Length of an image tag: the mount point's name, short for the same reason as layer ids.
+pub const IMAGE_TAG_LEN: usize = 12;
+
+/// Names a cache's image file and its mount point: derived from the cache's key (names of
+/// up to 127 bytes would not fit in mount options), read back from layer links as `[a-z2-7]{12}`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ImageTag(String);
+
+impl ImageTag {
+    /// The tag of `key`'s image: base32 of the first bytes of SHA-256 over `namespace/name`.
+    pub fn of(key: &CacheKey) -> Self {
+        use sha2::Digest;
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+        let digest = sha2::Sha256::digest(format!("{}/{}", key.namespace, key.name).as_bytes());
+        let mut bits: u64 = 0;
+        for b in &digest[..8] {
+            bits = (bits << 8) | u64::from(*b);
+        }
+        Self((0..IMAGE_TAG_LEN).map(|i| ALPHABET[((bits >> (i * 5)) & 31) as usize] as char).collect())
+    }
+
+    /// The tag as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ImageTag {
+    type Error = NameError;
+    fn try_from(value: String) -> Result<Self, NameError> {
+        let ok = value.len() == IMAGE_TAG_LEN && value.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
+        if ok {
+            Ok(Self(value))
+        } else {
+            Err(NameError { field: "image tag", value: value.chars().take(80).collect(), rule: "must be 12 characters of [a-z2-7]" })
+        }
+    }
+}
+
+impl From<ImageTag> for String {
+    fn from(value: ImageTag) -> String {
+        value.0
+    }
+}
+
+impl fmt::Display for ImageTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A cache's identity: (namespace, name).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct CacheKey {
@@ -314,17 +366,72 @@ impl Layout {
     pub fn volume_record(&self, id: &VolumeId) -> PathBuf {
         self.volume_dir(id).join("volume.json")
     }
+    /// Where a volume's upper and work directories live: beside its record, or inside its
+    /// cache's image (`image`), so a commit stays a rename within that filesystem.
+    pub fn volume_data_dir(&self, id: &VolumeId, image: Option<&ImageTag>) -> PathBuf {
+        match image {
+            None => self.volume_dir(id),
+            Some(tag) => self.image_mount(tag).join("volumes").join(id.as_str()),
+        }
+    }
     /// Where a volume's changes land.
-    pub fn upper_dir(&self, id: &VolumeId) -> PathBuf {
-        self.volume_dir(id).join("upper")
+    pub fn upper_dir(&self, id: &VolumeId, image: Option<&ImageTag>) -> PathBuf {
+        self.volume_data_dir(id, image).join("upper")
     }
     /// Where a volume's upper is prepared before it is renamed into place.
-    pub fn new_upper_dir(&self, id: &VolumeId) -> PathBuf {
-        self.volume_dir(id).join("upper.new")
+    pub fn new_upper_dir(&self, id: &VolumeId, image: Option<&ImageTag>) -> PathBuf {
+        self.volume_data_dir(id, image).join("upper.new")
     }
     /// Overlay's work directory for a volume.
-    pub fn work_dir(&self, id: &VolumeId) -> PathBuf {
-        self.volume_dir(id).join("work")
+    pub fn work_dir(&self, id: &VolumeId, image: Option<&ImageTag>) -> PathBuf {
+        self.volume_data_dir(id, image).join("work")
+    }
+    /// Image files of caches with a size, and their records.
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+    /// One cache's image file.
+    pub fn image_file(&self, tag: &ImageTag) -> PathBuf {
+        self.images_dir().join(format!("{tag}.img"))
+    }
+    /// One image's record (which cache, what size).
+    pub fn image_record(&self, tag: &ImageTag) -> PathBuf {
+        self.images_dir().join(format!("{tag}.json"))
+    }
+    /// The file lock that serialises mounting, growing and unmounting one image.
+    pub fn image_lock(&self, tag: &ImageTag) -> PathBuf {
+        self.images_dir().join(format!("{tag}.lock"))
+    }
+    /// Parent of the images' mount points.
+    pub fn image_mounts_dir(&self) -> PathBuf {
+        self.root.join("i")
+    }
+    /// Where an image is mounted while in use.
+    pub fn image_mount(&self, tag: &ImageTag) -> PathBuf {
+        self.image_mounts_dir().join(tag.as_str())
+    }
+    /// The layers kept inside an image.
+    pub fn image_layers_dir(&self, tag: &ImageTag) -> PathBuf {
+        self.image_mount(tag).join("layers")
+    }
+    /// One layer's tree inside an image; `layers/<id>` is a link to it.
+    pub fn image_layer_dir(&self, tag: &ImageTag, id: &LayerId) -> PathBuf {
+        self.image_layers_dir(tag).join(id.as_str())
+    }
+    /// What the `layers/<id>` link of a layer inside an image holds: relative, so the state
+    /// dir can move.
+    pub fn image_layer_link(&self, tag: &ImageTag, id: &LayerId) -> PathBuf {
+        Path::new("../i").join(tag.as_str()).join("layers").join(id.as_str())
+    }
+    /// The image a `layers/<id>` link points into, if its text has the shape this module writes.
+    pub fn image_of_link(&self, link: &Path) -> Option<ImageTag> {
+        let mut parts = link.components().map(|c| c.as_os_str().to_str());
+        match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(Some("..")), Some(Some("i")), Some(Some(tag)), Some(Some("layers")), Some(Some(_)), None) => {
+                ImageTag::try_from(tag.to_string()).ok()
+            }
+            _ => None,
+        }
     }
     /// Parent of the mount points `jobcachefs run` creates.
     pub fn mounts_dir(&self) -> PathBuf {
@@ -434,5 +541,15 @@ mod tests {
         assert_eq!(l.head_path(&key), Path::new("/s/caches/ns/c/head.json"));
         let id = LayerId::new("k3v9q2ma").unwrap();
         assert_eq!(l.layer_dir(&id), Path::new("/s/layers/k3v9q2ma"));
+        let tag = ImageTag::of(&key);
+        assert_eq!(tag.as_str().len(), IMAGE_TAG_LEN);
+        assert_eq!(tag, ImageTag::of(&CacheKey::new("ns", "c").unwrap()), "stable");
+        assert_ne!(tag, ImageTag::of(&CacheKey::new("ns", "d").unwrap()));
+        assert_eq!(l.image_of_link(&l.image_layer_link(&tag, &id)), Some(tag.clone()));
+        assert_eq!(l.image_of_link(Path::new("../i/../layers/x")), None);
+        assert_eq!(l.image_of_link(Path::new("/etc/passwd")), None);
+        let vol = VolumeId::new("v1").unwrap();
+        assert_eq!(l.upper_dir(&vol, None), Path::new("/s/volumes/v1/upper"));
+        assert_eq!(l.upper_dir(&vol, Some(&tag)), l.image_mount(&tag).join("volumes/v1/upper"));
     }
 }

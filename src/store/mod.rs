@@ -7,6 +7,7 @@ pub mod commit;
 pub mod gc;
 pub mod head;
 pub mod history;
+pub mod image;
 pub mod layer;
 pub mod layout;
 pub mod root;
@@ -65,6 +66,15 @@ pub enum StoreError {
     /// A rollback to the version HEAD already is.
     #[error("cache {cache}: version {version} is already the current version")]
     AlreadyCurrent { cache: CacheKey, version: u64 },
+    /// Another cache's image has the tag this cache's would get (a hash collision).
+    #[error("cache {cache}: image {tag} already holds cache {holder}")]
+    ImageTaken { cache: CacheKey, holder: CacheKey, tag: layout::ImageTag },
+    /// A cache size below what an ext4 image with a journal needs.
+    #[error("cache {cache}: cacheSize {bytes} is too small: must be at least 16Mi")]
+    CacheSizeTooSmall { cache: CacheKey, bytes: u64 },
+    /// A volume's image is not mounted where its upper should be (the caller mounts it first).
+    #[error("image {tag} is not mounted at {path}")]
+    ImageNotMounted { tag: layout::ImageTag, path: PathBuf },
     /// A layer tree could not be measured, copied or removed.
     #[error(transparent)]
     Tree(#[from] tree::TreeError),
@@ -123,6 +133,8 @@ pub struct NewVolume {
     pub root: RootSpec,
     /// Content to start from instead of HEAD (CSI `volume_content_source`).
     pub content: Option<Content>,
+    /// The cache's size: its layers and this volume's upper live in an image of that size.
+    pub cache_size: Option<u64>,
 }
 
 /// Where a new volume's content comes from instead of its cache's HEAD.
@@ -278,7 +290,18 @@ impl Store {
             flags: req.flags,
             root: req.root,
             mount_group: None,
+            image: None,
+            images: Vec::new(),
         };
+        let mut record = record;
+        // A cache with an image keeps every volume's upper in it, sized or not: the size
+        // belongs to the cache. The caller has made and mounted it.
+        if let Some(image) = self.image(&req.cache)? {
+            record.image = Some(image.tag);
+        }
+        record.images = self.images_of(&record.base.layers).into_iter().chain(record.image.clone()).collect();
+        record.images.sort();
+        record.images.dedup();
         atomic::create_dir_durable(&self.layout.volume_dir(&req.id))?;
         // The record goes down before any mount so the layers are pinned from the first moment.
         atomic::write_json(&self.layout.volume_record(&req.id), &record)?;
@@ -290,19 +313,25 @@ impl Store {
 
     fn create_volume_dirs(&self, record: &VolumeRecord) -> Result<(), StoreError> {
         let id = &record.id;
-        let work = self.layout.work_dir(id);
+        if let Some(tag) = &record.image {
+            // Never on the state dir's own disk through an empty mount point.
+            self.check_image_mounted(tag)?;
+            atomic::create_dir_durable(&self.layout.volume_data_dir(id, Some(tag)))?;
+        }
+        let image = record.image.as_ref();
+        let work = self.layout.work_dir(id, image);
         match std::fs::create_dir(&work) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(StoreError::io("create directory", &work, e)),
         }
-        let upper = self.layout.upper_dir(id);
+        let upper = self.layout.upper_dir(id, image);
         if upper.exists() {
             return Ok(());
         }
         // Built under another name and renamed, so an upper never exists with the driver's
         // own root attributes instead of the version's (a crash in between leaves only debris).
-        let new = self.layout.new_upper_dir(id);
+        let new = self.layout.new_upper_dir(id, image);
         if let Err(e) = std::fs::remove_dir(&new) {
             if e.kind() != io::ErrorKind::NotFound {
                 return Err(StoreError::io("remove", &new, e));
@@ -316,7 +345,7 @@ impl Store {
         }
         std::fs::rename(&new, &upper).map_err(|e| StoreError::io("rename", &new, e))?;
         // A volume whose upper vanished in a power cut could never be staged again.
-        atomic::sync_dir(&self.layout.volume_dir(id))
+        atomic::sync_dir(&self.layout.volume_data_dir(id, image))
     }
 
     /// Makes the volume's upper and work directories again if they are missing and nothing
@@ -334,11 +363,11 @@ impl Store {
     /// the content, not who owns the cache).
     fn root_template(&self, record: &VolumeRecord) -> Result<Option<PathBuf>, StoreError> {
         if let Some(top) = record.base.layers.last() {
-            return Ok(Some(self.layout.layer_dir(top)));
+            return Ok(Some(self.layer_tree(top)));
         }
         if record.policy.fresh {
             let head = self.head(&record.cache)?;
-            return Ok(head.and_then(|h| h.layers.last().map(|l| self.layout.layer_dir(l))));
+            return Ok(head.and_then(|h| h.layers.last().map(|l| self.layer_tree(l))));
         }
         Ok(None)
     }
@@ -349,7 +378,7 @@ impl Store {
     /// attributes from mount time and would not see a change made to the upper beneath it.
     pub fn set_mount_group(&self, id: &VolumeId, gid: u32, merged: Option<&Path>) -> Result<VolumeRecord, StoreError> {
         let record = self.update_volume(id, |r| r.mount_group = Some(gid))?;
-        let root = merged.map_or_else(|| self.layout.upper_dir(id), Path::to_path_buf);
+        let root = merged.map_or_else(|| self.upper_of(&record), Path::to_path_buf);
         root::give_to_group(&root, gid)?;
         Ok(record)
     }
@@ -373,8 +402,8 @@ impl Store {
                 }
             };
             for layer in &layers {
-                let path = self.layout.layer_dir(layer);
-                if !path.is_dir() {
+                if !self.layer_present(layer) {
+                    let path = self.layout.layer_dir(layer);
                     return Err(StoreError::MissingLayer { cache: from.clone(), layer: layer.clone(), path });
                 }
             }
@@ -427,12 +456,22 @@ impl Store {
 
     fn check_layers(&self, cache: &CacheKey, head: &Head) -> Result<(), StoreError> {
         for layer in &head.layers {
-            let path = self.layout.layer_dir(layer);
-            if !path.is_dir() {
+            if !self.layer_present(layer) {
+                let path = self.layout.layer_dir(layer);
                 return Err(StoreError::MissingLayer { cache: cache.clone(), layer: layer.clone(), path });
             }
         }
         Ok(())
+    }
+
+    /// Where a volume's changes land (in its cache's image, when it has one).
+    pub fn upper_of(&self, record: &VolumeRecord) -> PathBuf {
+        self.layout.upper_dir(&record.id, record.image.as_ref())
+    }
+
+    /// A volume's overlay work directory, on the same filesystem as its upper.
+    pub fn work_of(&self, record: &VolumeRecord) -> PathBuf {
+        self.layout.work_dir(&record.id, record.image.as_ref())
     }
 
     /// The overlay lower directories of a volume, top first; the shared empty layer when none.
@@ -487,6 +526,16 @@ impl Store {
     pub fn drop_volume(&self, id: &VolumeId) -> Result<(), StoreError> {
         // Shared, so gc never sweeps the trash while it is being deleted here.
         let _pin = self.state_lock(false)?;
+        // The part inside an image goes first: once the record is gone nothing names it.
+        if let Some(tag) = self.volume(id).ok().flatten().and_then(|r| r.image) {
+            let data = self.layout.volume_data_dir(id, Some(&tag));
+            let trash = data.with_file_name(format!(".trash-{}", LayerId::generate()));
+            match std::fs::rename(&data, &trash) {
+                Ok(()) => tree::remove_tree(&trash)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("move to trash", &data, e)),
+            }
+        }
         let dir = self.layout.volume_dir(id);
         let trash = self.layout.tmp_dir().join(format!("trash-{}", LayerId::generate()));
         // One rename drops the record and the tree together; a crash leaves only scratch.

@@ -102,7 +102,7 @@ impl Store {
     /// volume is untouched. The caller holds the state lock (shared) and keeps the layer
     /// named (a snapshot record, a volume's base) before releasing it.
     pub(crate) fn copy_upper_layer(&self, volume: &VolumeRecord) -> Result<Option<LayerId>, StoreError> {
-        let upper = self.layout.upper_dir(&volume.id);
+        let upper = self.upper_of(volume);
         if upper.exists() && !tree::is_empty_dir(&upper)? {
             let layer = LayerId::generate();
             let incoming = self.layout.layers_dir().join(format!(".incoming-{layer}"));
@@ -161,8 +161,8 @@ impl Store {
             return Err(StoreError::AlreadyCurrent { cache: key.clone(), version: to });
         }
         for layer in &target.layers {
-            let path = self.layout.layer_dir(layer);
-            if !path.is_dir() {
+            if !self.layer_present(layer) {
+                let path = self.layout.layer_dir(layer);
                 return Err(StoreError::MissingLayer { cache: key.clone(), layer: layer.clone(), path });
             }
         }

@@ -184,6 +184,12 @@ pub struct VolumeRecord {
     /// The fsGroup its root was given (CSI `volume_mount_group`).
     #[serde(default)]
     pub mount_group: Option<u32>,
+    /// The image its upper and work directories live in: its cache's, when the cache has a size.
+    #[serde(default)]
+    pub image: Option<super::layout::ImageTag>,
+    /// Every image it needs mounted: its own and those its base's layers live in.
+    #[serde(default)]
+    pub images: Vec<super::layout::ImageTag>,
 }
 
 /// The orchestrator's request behind a volume: a repeat with the same values is the same volume.

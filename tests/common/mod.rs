@@ -135,6 +135,7 @@ pub fn volume(id: &str, cache: &CacheKey, policy: Policy, target: &Path) -> NewV
         flags: jobcachefs::mount::MountOptions::default(),
         root: Default::default(),
         content: None,
+        cache_size: None,
     }
 }
 
