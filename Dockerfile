@@ -3,9 +3,11 @@
 #
 #   docker build -t jobcachefs:0.1.0 .
 #
-# The builder compiles a release binary; the runtime image holds just that binary and CA
-# certificates (for the Kubernetes API over TLS). The driver mounts with the mount(2)
-# syscall directly, so no mount tools are needed.
+# The builder compiles a release binary; the runtime image holds that binary, CA
+# certificates (for the Kubernetes API over TLS) and e2fsprogs. The driver still mounts
+# with the mount(2) syscall and attaches loop devices with ioctls, so no mount tools are
+# needed; but a cache with a size lives in an ext4 image file, which only e2fsprogs can
+# format (mkfs.ext4) and grow offline (e2fsck, resize2fs).
 
 FROM rust:1-bookworm AS builder
 WORKDIR /build
@@ -26,9 +28,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates e2fsprogs \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /out/jobcachefs /usr/local/bin/jobcachefs
-# The node plugin runs as root in a privileged container: it mounts overlays.
+# The node plugin runs as root in a privileged container: it mounts overlays and cache
+# images on loop devices.
 ENTRYPOINT ["jobcachefs"]
 CMD ["--help"]

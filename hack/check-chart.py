@@ -3,9 +3,10 @@
 
     python3 hack/check-chart.py [--helm PATH] [--verbose]
 
-Renders the chart with its default values and with hack/chart-values-test.yaml, parses
-every document with PyYAML and checks what the deployment depends on: the CSIDriver,
-the node DaemonSet (containers, arguments, mounts and their propagation), RBAC verbs,
+Renders the chart with its default values and with hack/chart-values-test.yaml (plus
+the size limits in TEST_SET), parses every document with PyYAML and checks what the
+deployment depends on: the CSIDriver, the node DaemonSet (containers, arguments, mounts
+and their propagation, the host's /dev for loop devices), RBAC verbs,
 StorageClasses, the driver's config, the metrics Service, ServiceMonitor and
 dashboard ConfigMap, storage capacity tracking, and the csi-snapshotter sidecar with its
 VolumeSnapshotClass. It also checks the Grafana dashboard's PromQL against the metrics
@@ -44,6 +45,9 @@ except ImportError:  # pragma: no cover - reported as a failed check below
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "jobcachefs"
 TEST_VALUES = ROOT / "hack" / "chart-values-test.yaml"
+# The size limits, layered on the test values the way a user would set them; TEST_WANT
+# expects them.
+TEST_SET = ["--set", "defaultCacheSize=50Gi", "--set", "storageClasses.jobcache-pr.parameters.cacheSize=10Gi"]
 EXAMPLES = ROOT / "examples"
 DASHBOARD = CHART / "dashboards" / "jobcachefs.json"
 RELEASE = "jc"
@@ -331,6 +335,10 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
     r.equal(serve.get("keep-versions"), want["keepVersions"], f"{t} driver --keep-versions {want['keepVersions']}")
     r.equal(serve.get("capacity-reserve"), want["capacityReserve"],
             f"{t} driver --capacity-reserve {want['capacityReserve']} after serve")
+    size_what = f"--default-cache-size {want['defaultCacheSize']} after serve" if want["defaultCacheSize"] \
+        else "no --default-cache-size (caches without cacheSize stay on the state dir)"
+    r.equal(serve.get("default-cache-size"), want["defaultCacheSize"],
+            f"{t} driver has {size_what}")
 
     dm = mounts(drv_c)
     r.equal((dm.get("socket-dir") or {}).get("mountPath"), "/csi", f"{t} driver mounts the socket dir at /csi")
@@ -345,6 +353,11 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
             f"{t} driver mounts its config read-only at /etc/jobcachefs")
     r.equal((vols.get("config") or {}).get("configMap", {}).get("name"), f"{fullname}-config",
             f"{t} config volume is the chart's ConfigMap")
+    # Loop devices the kernel adds after the container started exist only in the host's /dev.
+    dev = [(vols.get(m["name"]) or {}).get("hostPath") for m in dm.values() if m.get("mountPath") == "/dev"]
+    r.equal(dev, [{"path": "/dev", "type": "Directory"}], f"{t} driver mounts hostPath /dev (Directory) at /dev")
+    r.check(all(m.get("mountPath") != "/dev" for n, c in cs.items() if n != "jobcachefs"
+                for m in c.get("volumeMounts", [])), f"{t} only the driver container mounts the host's /dev")
     r.equal((vols.get("kubelet-dir") or {}).get("hostPath", {}).get("path"), kubelet,
             f"{t} kubelet-dir volume is hostPath {kubelet}")
     r.equal((vols.get("socket-dir") or {}).get("hostPath"),
@@ -748,6 +761,7 @@ DEFAULT_WANT = {
     "metrics": None,
     "capacityReserve": "1GiB",
     "keepVersions": "5",
+    "defaultCacheSize": None,
     "capacity": {"pollInterval": "1m"},
     "snapshots": None,
 }
@@ -774,13 +788,14 @@ TEST_WANT = {
     "driverRules": {**DRIVER_RULES, **LEASE_RULE},
     "storageClasses": {
         "jobcache": {"publish": "true"},
-        "jobcache-pr": {"publish": "true", "fallbackCaches": "maven-main", "maxBytes": "1GiB"},
+        "jobcache-pr": {"publish": "true", "fallbackCaches": "maven-main", "maxBytes": "1GiB", "cacheSize": "10Gi"},
     },
     "inlinePublishNamespaces": ["ci"],
     "metrics": {"port": 9900, "serviceMonitor": {"interval": "15s", "labels": {"release": "kube-prometheus-stack"}},
                 "dashboard": True},
     "capacityReserve": "5GiB",
     "keepVersions": "3",
+    "defaultCacheSize": "50Gi",
     "capacity": {"pollInterval": "30s"},
     "snapshots": {"className": "ci-cache-snapshots", "isDefault": True, "workerThreads": "3", "timeout": "90s"},
 }
@@ -964,7 +979,7 @@ def main() -> int:
         return r.summary()
 
     # Lint with both value sets; --strict turns warnings into failures.
-    for label, extra in [("default values", []), ("test values", ["-f", str(TEST_VALUES)])]:
+    for label, extra in [("default values", []), ("test values", ["-f", str(TEST_VALUES), *TEST_SET])]:
         p = run(helm, "lint", "--strict", str(CHART), *extra)
         if opts.verbose:
             print(p.stdout + p.stderr, file=sys.stderr)
@@ -973,8 +988,9 @@ def main() -> int:
     default_docs, err = render(helm)
     if r.check(bool(default_docs), "helm template with default values", err):
         check_rendered(r, default_docs, DEFAULT_WANT, "default")
-    test_docs, err = render(helm, "-f", str(TEST_VALUES))
-    if r.check(bool(test_docs), f"helm template with {TEST_VALUES.relative_to(ROOT)}", err):
+    test_docs, err = render(helm, "-f", str(TEST_VALUES), *TEST_SET)
+    if r.check(bool(test_docs), f"helm template with {TEST_VALUES.relative_to(ROOT)} and {' '.join(TEST_SET[1::2])}",
+               err):
         check_rendered(r, test_docs, TEST_WANT, "test")
 
     # A shared PVC instead of a host path.
@@ -1040,6 +1056,9 @@ def main() -> int:
         ("a misspelt metrics key", ["--set", "metrics.serviceMonitor.enable=true"], "enable"),
         ("a bad scrape interval", ["--set", "metrics.serviceMonitor.interval=30 seconds"], "interval"),
         ("a capacityReserve that is no size", ["--set-string", "capacityReserve=lots"], "capacityReserve"),
+        # The driver reads quantities as Kubernetes writes them: 20GB or 1.5Gi would stop it at start.
+        ("a defaultCacheSize that is no quantity", ["--set", "defaultCacheSize=20GB"], "defaultCacheSize"),
+        ("a fractional defaultCacheSize", ["--set", "defaultCacheSize=1.5Gi"], "defaultCacheSize"),
         ("a bad capacity poll interval", ["--set", "storageCapacity.pollInterval=soon"], "pollInterval"),
         ("a misspelt snapshots key", ["--set", "snapshots.enable=true"], "enable"),
         ("a bad VolumeSnapshotClass name", ["--set", "snapshots.enabled=true",
