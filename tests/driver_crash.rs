@@ -351,7 +351,7 @@ fn assert_pins_kept(sb: &Sandbox, what: &str) {
         }
         if let Some(p) = &v.pending {
             assert!(
-                layout.layer_dir(p).is_dir() || layout.upper_dir(&v.id).is_dir(),
+                layout.layer_dir(p).is_dir() || layout.upper_dir(&v.id, v.image.as_ref()).is_dir(),
                 "{what}: volume {} waits to publish layer {p}, but neither it nor the upper is there",
                 v.id
             );

@@ -250,7 +250,7 @@ async fn a_delete_cut_short_by_its_deadline_publishes_once_with_every_file() {
     let sb = Sandbox::new();
     let (_server, mut c) = connect(&sb).await;
     let v = job_on_pvc(&mut c, &sb, "pvc-big", "m2", FILES).await;
-    let upper = sb.layout().upper_dir(&jobcachefs::store::VolumeId::new(v.id()).expect("id"));
+    let upper = sb.layout().upper_dir(&jobcachefs::store::VolumeId::new(v.id()).expect("id"), None);
     assert!(upper.exists(), "the change waits in the volume's upper");
 
     let answers = delete_like_the_provisioner(c.controller.clone(), v.id().to_string()).await;

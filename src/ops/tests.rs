@@ -64,7 +64,7 @@ impl Bed {
     }
 
     fn upper(&self, id: &str) -> PathBuf {
-        self.engine.store().layout().upper_dir(&vid(id))
+        self.engine.store().layout().upper_dir(&vid(id), None)
     }
 
     /// What a job writes through the mount lands in the upper; the double mounts nothing.
@@ -82,7 +82,7 @@ impl Bed {
             spec: OverlaySpec {
                 readonly: false,
                 lower: vec![layout.empty_layer()],
-                upper: Some(UpperDirs { upper: layout.upper_dir(&vid(id)), work: layout.work_dir(&vid(id)) }),
+                upper: Some(UpperDirs { upper: layout.upper_dir(&vid(id), None), work: layout.work_dir(&vid(id), None) }),
                 flags: MountOptions::default(),
             },
             target: target.to_path_buf(),
