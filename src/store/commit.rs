@@ -10,7 +10,7 @@ use super::layer::{LayerKind, LayerRecord};
 use super::layout::{CacheKey, LayerId, VolumeId};
 use super::tree::{self, TreeStats};
 use super::volume::{Decision, OnStale, VolumeRecord};
-use super::{atomic, Store, StoreError};
+use super::{atomic, durable, Store, StoreError};
 use crate::failpoint;
 
 /// Why a released volume publishes nothing.
@@ -124,7 +124,8 @@ impl Store {
                 return Ok(Prepared::Nothing(NotPublished::TooBig { bytes: stats.bytes, max_bytes }));
             }
         }
-        super::atomic::sync_filesystem(&upper)?;
+        // Only this delta, not the filesystem: other jobs' dirty pages are not this commit's to pay.
+        durable::sync_tree(&upper)?;
 
         let _pin = self.state_lock(false)?;
         match self.promote_pinned(&mut record, &upper, stats) {
@@ -191,7 +192,7 @@ impl Store {
         tree::remove_tree(&incoming)?;
         // Whiteouts and opaque markers are the delta's deletions: they must travel with it.
         tree::copy_tree(upper, &incoming, tree::CopyOptions { keep_overlay_xattrs: true }, &mut |_| {})?;
-        super::atomic::sync_filesystem(&incoming)?;
+        durable::sync_tree(&incoming)?;
         let dest = self.layout.layer_dir(layer);
         std::fs::rename(&incoming, &dest).map_err(|e| StoreError::io("rename incoming layer", &incoming, e))?;
         atomic::sync_dir(&self.layout.layers_dir())

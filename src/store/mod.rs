@@ -4,6 +4,7 @@
 
 pub mod atomic;
 pub mod commit;
+pub mod durable;
 pub mod gc;
 pub mod head;
 pub mod history;

@@ -110,7 +110,7 @@ impl Store {
             // Whiteouts and opaque markers are the change's deletions: they are part of it.
             let stats =
                 tree::copy_tree(&upper, &incoming, tree::CopyOptions { keep_overlay_xattrs: true }, &mut |_| {})?;
-            atomic::sync_filesystem(&incoming)?;
+            super::durable::sync_tree(&incoming)?;
             std::fs::rename(&incoming, self.layout.layer_dir(&layer))
                 .map_err(|e| StoreError::io("rename snapshot layer", &incoming, e))?;
             let record = LayerRecord {
