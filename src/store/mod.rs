@@ -9,6 +9,7 @@ pub mod head;
 pub mod history;
 pub mod layer;
 pub mod layout;
+pub mod merge;
 pub mod root;
 pub mod snapshot;
 pub mod squash;
