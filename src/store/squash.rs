@@ -14,8 +14,8 @@
 use super::head::{now_unix, Head};
 use super::layer::{LayerKind, LayerRecord};
 use super::layout::{CacheKey, LayerId};
-use super::tree::{self, CopyOptions, TreeStats};
 use super::merge;
+use super::tree::{self, CopyOptions, TreeStats};
 use super::{atomic, StateLock, Store, StoreError};
 use std::path::PathBuf;
 
@@ -186,9 +186,7 @@ impl Store {
         let built = match &plan.view {
             None => merge::merge_layers(&plan.sources, &plan.flat, progress),
             // Overlay hides whiteouts and opaque markers in its merged view: the copy is flat.
-            Some(view) => {
-                tree::copy_tree(&view.path, &plan.flat, CopyOptions { keep_overlay_xattrs: false }, progress)
-            }
+            Some(view) => tree::copy_tree(&view.path, &plan.flat, CopyOptions { keep_overlay_xattrs: false }, progress),
         };
         match built {
             Ok(stats) => Ok(stats),
