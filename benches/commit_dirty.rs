@@ -217,6 +217,7 @@ impl Bench {
             flags: jobcachefs::mount::MountOptions::default(),
             root: Default::default(),
             content: None,
+            cache_size: None,
         };
         self.rt.block_on(self.engine.restore(req)).expect("restore");
         write_delta(&target, run);

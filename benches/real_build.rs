@@ -560,6 +560,7 @@ fn new_volume(id: &str, cache: &CacheKey, target: &Path) -> NewVolume {
         flags: jobcachefs::mount::MountOptions::default(),
         root: Default::default(),
         content: None,
+        cache_size: None,
     }
 }
 

@@ -13,7 +13,7 @@ use crate::lock::FileLock;
 use crate::mount::{probe, SysMounter};
 use crate::ops::{Engine, Released, Restored};
 use crate::store::commit::NotPublished;
-use crate::store::squash::DEFAULT_MAX_DEPTH;
+use crate::store::squash::{SquashMode, DEFAULT_MAX_DEPTH};
 use crate::store::{atomic, CacheKey, LayerId, Layout, NewVolume, OnStale, Owner, Policy, RootSpec, Store, VolumeId};
 
 /// A persistent, copy-on-write build cache mounted with overlayfs.
@@ -273,6 +273,10 @@ pub struct SquashArgs {
     /// Squash only when deeper than this many layers.
     #[arg(long, default_value_t = DEFAULT_MAX_DEPTH)]
     pub max_depth: usize,
+    /// Flatten the whole stack into one layer (gives back at once the bytes later layers hide)
+    /// instead of merging only the layers above the deepest big one.
+    #[arg(long)]
+    pub flatten: bool,
 }
 
 /// `UID:GID`, both decimal; `4294967295` is chown's "no change", never an id.
@@ -963,10 +967,12 @@ async fn cache_command(engine: Engine, cmd: CacheCommand) -> Result<ExitCode, Cl
             let key = cache_key(&args.cache.namespace, &args.cache.name)?;
             let bar = progress_bar("squashing");
             let tick = bar.clone();
+            let mode = if args.flatten { SquashMode::Flatten } else { SquashMode::Auto };
             let outcome = engine
-                .squash(
+                .squash_with(
                     &key,
                     args.max_depth,
+                    mode,
                     Box::new(move |s| {
                         tick.set_message(format!(
                             "squashing: {} files, {}",

@@ -12,8 +12,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use csi_server::{inline_publish, inline_unpublish, serve};
 use common::*;
+use csi_server::{inline_publish, inline_unpublish, serve};
 use jobcachefs::csi::pb;
 use jobcachefs::store::layout::ImageTag;
 
@@ -169,7 +169,8 @@ fn a_crash_while_the_image_is_made_or_mounted_leaves_it_usable() {
             &[("JOBCACHEFS_CRASH_AT", step)],
         );
         assert_eq!(out.status.code(), None, "{step}: killed: {}", stderr(&out));
-        let again = sb.cli(&["run", "--cache", &cache, "--cache-size", "20Mi", "--", "sh", "-c", "echo y > $JOBCACHE_DIR/f"]);
+        let again =
+            sb.cli(&["run", "--cache", &cache, "--cache-size", "20Mi", "--", "sh", "-c", "echo y > $JOBCACHE_DIR/f"]);
         assert!(stderr(&again).contains("published v1"), "{step}: {}", stderr(&again));
         let seen = sb.cli(&["run", "--cache", &cache, "--", "sh", "-c", "cat $JOBCACHE_DIR/f"]);
         assert_eq!(stdout(&seen), "y\n", "{step}");
@@ -213,7 +214,8 @@ fn a_fallback_cache_is_read_from_its_own_image() {
         return;
     }
     let sb = Sandbox::new();
-    let main = sb.cli(&["run", "--cache", "main", "--cache-size", "20Mi", "--", "sh", "-c", "echo m > $JOBCACHE_DIR/dep"]);
+    let main =
+        sb.cli(&["run", "--cache", "main", "--cache-size", "20Mi", "--", "sh", "-c", "echo m > $JOBCACHE_DIR/dep"]);
     assert!(stderr(&main).contains("published v1"), "{}", stderr(&main));
     // A pull-request cache with a size of its own starts from main's layers, which stay in
     // main's image; only its own change lands in its image.
@@ -267,4 +269,52 @@ fn an_evicted_cache_gives_its_image_back() {
     assert!(!image.exists(), "the removed cache's image file is deleted");
     assert!(sb.store().image(&key("old")).unwrap().is_none(), "and its record");
     assert!(sb.mounts().is_empty(), "{:?}", sb.mounts());
+}
+
+#[test]
+fn a_squash_of_a_sized_cache_stays_in_its_image() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let base = "dd if=/dev/urandom of=$JOBCACHE_DIR/base bs=1M count=4 2>/dev/null && echo 0 > $JOBCACHE_DIR/n";
+    let first = sb.cli(&["run", "--cache", "c", "--cache-size", "32Mi", "--no-maintenance", "--", "sh", "-c", base]);
+    assert!(stderr(&first).contains("published v1"), "{}", stderr(&first));
+    for i in 1..=6 {
+        let job = format!("echo {i} > $JOBCACHE_DIR/n && echo {i} > $JOBCACHE_DIR/f{i}");
+        let out = sb.cli(&["run", "--cache", "c", "--no-maintenance", "--", "sh", "-c", &job]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let store = sb.store();
+    let tag = ImageTag::of(&key("c"));
+    let look = "cd $JOBCACHE_DIR && cksum < base && cat n && cat f1 f2 f3 f4 f5 f6 | xargs echo";
+    let before = stdout(&sb.cli(&["run", "--cache", "c", "--no-maintenance", "--", "sh", "-c", look]));
+    assert!(before.ends_with("\n6\n1 2 3 4 5 6\n") && before.lines().count() == 3, "{before}");
+
+    // The merge of the six small layers above the 4 MiB one: hard links inside the image.
+    // Bytes on the node's disk beside the image file, which is where a squash must not write.
+    let image_file = sb.layout().image_file(&tag);
+    let beside = || allocated(sb.dir.path()) - fs::metadata(&image_file).expect("image").blocks() * 512;
+    let host = beside();
+    let merge = sb.cli(&["cache", "squash", "--max-depth", "3", "c"]);
+    assert!(stdout(&merge).contains("squashed 6 layers"), "{}{}", stdout(&merge), stderr(&merge));
+    let head = store.head(&key("c")).unwrap().expect("head");
+    assert_eq!(head.layers.len(), 2, "the base and the merged layer");
+    for layer in &head.layers {
+        assert_eq!(store.layer_image(layer), Some(tag.clone()), "every layer still lives in the image");
+    }
+    let after = stdout(&sb.cli(&["run", "--cache", "c", "--no-maintenance", "--", "sh", "-c", look]));
+    assert_eq!(after, before, "the merged stack shows what the deep one did");
+
+    // A flatten copies every byte: into the image, never onto the node's disk beside it.
+    let flat = sb.cli(&["cache", "squash", "--flatten", "--max-depth", "1", "c"]);
+    assert!(stdout(&flat).contains("squashed 2 layers"), "{}{}", stdout(&flat), stderr(&flat));
+    let head = store.head(&key("c")).unwrap().expect("head");
+    assert_eq!(head.layers.len(), 1);
+    assert_eq!(store.layer_image(&head.layers[0]), Some(tag));
+    let grown = beside().saturating_sub(host);
+    assert!(grown < 2 * MIB, "the 4 MiB flatten went into the image, beside it the host grew by {grown} bytes");
+    let flattened = stdout(&sb.cli(&["run", "--cache", "c", "--no-maintenance", "--", "sh", "-c", look]));
+    assert_eq!(flattened, before);
+    assert!(sb.mounts().is_empty(), "the squash unmounts the image it mounted: {:?}", sb.mounts());
 }

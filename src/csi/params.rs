@@ -342,8 +342,9 @@ mod tests {
         assert_eq!(p.fallbacks.iter().map(|c| c.to_string()).collect::<Vec<_>>(), ["default/main", "default/release"]);
         assert_eq!(p.policy.max_bytes, Some(1 << 30));
         assert_eq!(p.cache_size, None);
-        let sized = VolumeParams::parse(&map(&[("cacheName", "m2"), ("cacheSize", "20Gi")]), Kind::Persistent, &HashSet::new())
-            .unwrap();
+        let sized =
+            VolumeParams::parse(&map(&[("cacheName", "m2"), ("cacheSize", "20Gi")]), Kind::Persistent, &HashSet::new())
+                .unwrap();
         assert_eq!(sized.cache_size, Some(20 << 30));
     }
 }

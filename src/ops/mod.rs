@@ -388,14 +388,14 @@ impl Engine {
         let target = req.mount_path.clone().ok_or_else(|| OpsError::NoMountPath(req.id.clone()))?;
         let existed = self.store.volume(&req.id)?.is_some();
         let image = self.open_image(&req.cache, req.cache_size)?;
-        let created = self.store.create_volume(&req);
+        let created = self.create_volume(&req, image.as_ref());
         // Held until the record names the image: from then on nothing unmounts it under us.
         drop(image);
         let record = match created {
             Ok(record) => record,
             Err(e) => {
                 self.unmount_idle(&[crate::store::layout::ImageTag::of(&req.cache)]);
-                return Err(e.into());
+                return Err(e);
             }
         };
         let mounted = existed && self.is_mounted_at(&record, &target)?;
@@ -423,6 +423,22 @@ impl Engine {
             self.restore_seen(&restored.volume, started.elapsed(), Some((bytes, files)));
         }
         Ok(restored)
+    }
+
+    /// The store's create_volume, mounting the images of the layers the volume stacks on when
+    /// they live in another cache's image (a fallback's): the new root copies the top layer's.
+    fn create_volume(&self, req: &NewVolume, own: Option<&images::OpenImage>) -> Result<VolumeRecord, OpsError> {
+        match self.store.create_volume(req) {
+            // The record is down and names that image, so once mounted nothing unmounts it.
+            Err(e @ StoreError::ImageNotMounted { .. }) => match self.store.volume(&req.id)? {
+                Some(record) => {
+                    self.mount_images(&record.images, own)?;
+                    Ok(self.store.create_volume(req)?)
+                }
+                None => Err(e.into()),
+            },
+            created => Ok(created?),
+        }
     }
 
     /// Counts a volume that was just mounted (a repeated call mounts nothing and counts
@@ -522,7 +538,7 @@ impl Engine {
                     this.check_clone_source(source)?;
                 }
                 let image = this.open_image(&req.cache, req.cache_size)?;
-                let record = this.store.create_volume(&req)?;
+                let record = this.create_volume(&req, image.as_ref())?;
                 drop(image);
                 // Mounted until the volume is released: a PVC's upper lives in the image from now on.
                 this.mount_images(&record.images, None)?;

@@ -82,7 +82,10 @@ impl Bed {
             spec: OverlaySpec {
                 readonly: false,
                 lower: vec![layout.empty_layer()],
-                upper: Some(UpperDirs { upper: layout.upper_dir(&vid(id), None), work: layout.work_dir(&vid(id), None) }),
+                upper: Some(UpperDirs {
+                    upper: layout.upper_dir(&vid(id), None),
+                    work: layout.work_dir(&vid(id), None),
+                }),
                 flags: MountOptions::default(),
             },
             target: target.to_path_buf(),

@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::{blocking, Engine, OpsError};
 use crate::mount::{MountOptions, OverlaySpec, Unmounted};
 use crate::store::gc::GcReport;
-use crate::store::squash::{SquashOutcome, DEFAULT_MAX_DEPTH};
+use crate::store::squash::{SquashMode, SquashOutcome, SquashPlan, View, DEFAULT_MAX_DEPTH};
 use crate::store::tree::TreeStats;
 use crate::store::CacheKey;
 
@@ -96,24 +96,39 @@ impl Squasher {
 }
 
 impl Engine {
-    /// Flattens a cache deeper than `max_depth` into one layer, then swaps it in under the lock.
+    /// Squashes a cache deeper than `max_depth` (see [`crate::store::squash`] for which layers
+    /// it rewrites), then swaps the new layer in under the lock.
     pub async fn squash(
         &self,
         key: &CacheKey,
         max_depth: usize,
         progress: Box<dyn FnMut(&TreeStats) + Send>,
     ) -> Result<SquashOutcome, OpsError> {
+        self.squash_with(key, max_depth, SquashMode::Auto, progress).await
+    }
+
+    /// [`Engine::squash`], choosing how: `SquashMode::Flatten` always flattens the whole stack.
+    pub async fn squash_with(
+        &self,
+        key: &CacheKey,
+        max_depth: usize,
+        mode: SquashMode,
+        progress: Box<dyn FnMut(&TreeStats) + Send>,
+    ) -> Result<SquashOutcome, OpsError> {
         let this = self.clone();
         let k = key.clone();
         let mut progress = progress;
         let built = blocking(move || {
-            // The layers may live in images; a squash reads them, so they stay mounted meanwhile.
-            let images: Vec<_> = match this.store.head(&k)? {
-                Some(head) => this.store.images_of(&head.layers).into_iter().collect(),
-                None => Vec::new(),
+            // The layers may live in images; a squash reads them, so they stay mounted meanwhile,
+            // and the cache's own image, where the new layer is built.
+            let mut images = match this.store.head(&k)? {
+                Some(head) => this.store.images_of(&head.layers),
+                None => Default::default(),
             };
+            images.extend(this.store.image(&k)?.map(|r| r.tag));
+            let images: Vec<_> = images.into_iter().collect();
             this.mount_images(&images, None)?;
-            let built = this.squash_build(&k, max_depth, &mut *progress);
+            let built = this.squash_build(&k, max_depth, mode, &mut *progress);
             this.unmount_idle(&images);
             built
         })
@@ -131,39 +146,57 @@ impl Engine {
         finished
     }
 
+    /// Plans and builds a squash's new layer; `Err(outcome)` when there is nothing to squash.
     fn squash_build(
         &self,
         k: &CacheKey,
         max_depth: usize,
+        mode: SquashMode,
         progress: &mut (dyn FnMut(&TreeStats) + Send),
     ) -> Result<Result<crate::store::squash::Squashed, SquashOutcome>, OpsError> {
-        let this = self;
-        {
-            let plan = match this.store.squash_plan(k, max_depth)? {
-                Ok(plan) => plan,
-                Err(outcome) => return Ok(Err(outcome)),
-            };
-            let mount_err = |source| OpsError::SquashMount { cache: k.clone(), source };
-            let spec =
-                OverlaySpec { readonly: true, lower: plan.lower.clone(), upper: None, flags: MountOptions::NONE };
-            if let Err(e) = this.mounter.overlay(&spec, &plan.view) {
-                this.store.squash_abandon(plan, true);
-                return Err(mount_err(e));
+        let plan = match self.store.squash_plan(k, max_depth, mode)? {
+            Ok(plan) => plan,
+            Err(outcome) => return Ok(Err(outcome)),
+        };
+        tracing::info!(
+            layers = plan.run.len(),
+            at = plan.at,
+            how = if plan.view.is_some() { "flatten" } else { "merge" },
+            "squash planned"
+        );
+        let built = match plan.view.clone() {
+            None => self.store.squash_copy(&plan, &mut *progress).map_err(|e| (e.into(), true)),
+            Some(view) => self.flatten_through(&plan, &view, &mut *progress),
+        };
+        match built {
+            Ok(stats) => Ok(Ok(self.store.squash_record(plan, stats)?)),
+            Err((e, unmounted)) => {
+                // With the view still mounted the scratch stays for gc, which unmounts first.
+                self.store.squash_abandon(plan, unmounted);
+                Err(e)
             }
-            let copied = this.store.squash_copy(&plan, &mut *progress);
-            let unmounted = this.mounter.unmount(&plan.view);
-            match (copied, unmounted) {
-                (Ok(stats), Ok(_)) => Ok(Ok(this.store.squash_record(plan, stats)?)),
-                (copied, unmounted) => {
-                    // With the view still mounted the scratch stays for gc, which unmounts first.
-                    this.store.squash_abandon(plan, unmounted.is_ok());
-                    Err(match (copied, unmounted) {
-                        (Err(e), _) => e.into(),
-                        (_, Err(e)) => mount_err(e),
-                        (Ok(_), Ok(_)) => unreachable!("handled above"),
-                    })
-                }
-            }
+        }
+    }
+
+    /// Mounts a flatten's read-only view, copies it, unmounts it; on failure also says whether
+    /// the view is unmounted.
+    fn flatten_through(
+        &self,
+        plan: &SquashPlan,
+        view: &View,
+        progress: &mut dyn FnMut(&TreeStats),
+    ) -> Result<TreeStats, (OpsError, bool)> {
+        let mount_err = |source| OpsError::SquashMount { cache: plan.cache.clone(), source };
+        let spec = OverlaySpec { readonly: true, lower: view.lower.clone(), upper: None, flags: MountOptions::NONE };
+        if let Err(e) = self.mounter.overlay(&spec, &view.path) {
+            return Err((mount_err(e), true));
+        }
+        let copied = self.store.squash_copy(plan, progress);
+        let unmounted = self.mounter.unmount(&view.path);
+        match (copied, unmounted) {
+            (Ok(stats), Ok(_)) => Ok(stats),
+            (Err(e), unmounted) => Err((e.into(), unmounted.is_ok())),
+            (Ok(_), Err(e)) => Err((mount_err(e), false)),
         }
     }
 

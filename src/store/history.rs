@@ -39,7 +39,7 @@ pub enum Origin {
 pub struct VersionRecord {
     /// The version number.
     pub version: u64,
-    /// Its layers, bottom to top (rewritten when a squash replaces a prefix of them).
+    /// Its layers, bottom to top (rewritten when a squash replaces a run of them).
     pub layers: Vec<LayerId>,
     /// The cache lifetime it belongs to.
     pub lineage: String,
@@ -134,13 +134,22 @@ impl Store {
         Ok(())
     }
 
-    /// After a squash replaced `prefix` of HEAD with `flat`, every kept version that starts
-    /// with that prefix shares the flat layer too (the content is the same).
-    pub(crate) fn squash_history(&self, key: &CacheKey, prefix: &[LayerId], flat: &LayerId) -> Result<(), StoreError> {
+    /// After a squash replaced `run`, at position `at` of HEAD's layers, with `layer`, every
+    /// kept version that holds the same run at the same position shares the layer too (the
+    /// content is the same).
+    pub(crate) fn squash_history(
+        &self,
+        key: &CacheKey,
+        at: usize,
+        run: &[LayerId],
+        layer: &LayerId,
+    ) -> Result<(), StoreError> {
+        let end = at + run.len();
         for mut record in self.versions(key)? {
-            if record.layers.starts_with(prefix) && !prefix.is_empty() {
-                let mut layers = vec![flat.clone()];
-                layers.extend_from_slice(&record.layers[prefix.len()..]);
+            if !run.is_empty() && record.layers.get(at..end) == Some(run) {
+                let mut layers = record.layers[..at].to_vec();
+                layers.push(layer.clone());
+                layers.extend_from_slice(&record.layers[end..]);
                 record.layers = layers;
                 atomic::write_json(&self.layout.version_path(key, record.version), &record)?;
             }

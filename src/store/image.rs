@@ -144,7 +144,12 @@ impl Store {
     }
 
     /// Records an image's new size once its filesystem has it.
-    pub fn record_image_size(&self, _lock: &ImageLock, record: &ImageRecord, size_bytes: u64) -> Result<ImageRecord, StoreError> {
+    pub fn record_image_size(
+        &self,
+        _lock: &ImageLock,
+        record: &ImageRecord,
+        size_bytes: u64,
+    ) -> Result<ImageRecord, StoreError> {
         let grown = ImageRecord { size_bytes, ..record.clone() };
         atomic::write_json(&self.layout.image_record(&record.tag), &grown)?;
         Ok(grown)
@@ -153,7 +158,12 @@ impl Store {
     /// Grows an image that is not mounted: the file, then its filesystem (`e2fsck -f -p` first,
     /// as `resize2fs` insists), then the record. A crash in between leaves a bigger file whose
     /// filesystem the next grow finishes.
-    pub fn grow_image_offline(&self, lock: &ImageLock, record: &ImageRecord, size_bytes: u64) -> Result<ImageRecord, StoreError> {
+    pub fn grow_image_offline(
+        &self,
+        lock: &ImageLock,
+        record: &ImageRecord,
+        size_bytes: u64,
+    ) -> Result<ImageRecord, StoreError> {
         self.extend_image(lock, record, size_bytes)?;
         let file = self.layout.image_file(&record.tag);
         // e2fsck exits 1 when it fixed something; 2 and up are failures.
@@ -282,7 +292,8 @@ fn run_tool(
     out: io::Result<std::process::Output>,
     ok_up_to: i32,
 ) -> Result<(), StoreError> {
-    let out = out.map_err(|e| StoreError::io(tool, path, io::Error::new(e.kind(), format!("{e} (is e2fsprogs installed?)"))))?;
+    let out = out
+        .map_err(|e| StoreError::io(tool, path, io::Error::new(e.kind(), format!("{e} (is e2fsprogs installed?)"))))?;
     match out.status.code() {
         Some(code) if code <= ok_up_to => Ok(()),
         _ => {

@@ -172,11 +172,16 @@ impl ImageTag {
 impl TryFrom<String> for ImageTag {
     type Error = NameError;
     fn try_from(value: String) -> Result<Self, NameError> {
-        let ok = value.len() == IMAGE_TAG_LEN && value.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
+        let ok =
+            value.len() == IMAGE_TAG_LEN && value.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
         if ok {
             Ok(Self(value))
         } else {
-            Err(NameError { field: "image tag", value: value.chars().take(80).collect(), rule: "must be 12 characters of [a-z2-7]" })
+            Err(NameError {
+                field: "image tag",
+                value: value.chars().take(80).collect(),
+                rule: "must be 12 characters of [a-z2-7]",
+            })
         }
     }
 }

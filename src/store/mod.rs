@@ -11,6 +11,7 @@ pub mod history;
 pub mod image;
 pub mod layer;
 pub mod layout;
+pub mod merge;
 pub mod root;
 pub mod snapshot;
 pub mod squash;
@@ -363,14 +364,18 @@ impl Store {
     /// it restores, or for a fresh start the cache's current top layer (a fresh start drops
     /// the content, not who owns the cache).
     fn root_template(&self, record: &VolumeRecord) -> Result<Option<PathBuf>, StoreError> {
-        if let Some(top) = record.base.layers.last() {
-            return Ok(Some(self.layer_tree(top)));
+        let top = match record.base.layers.last() {
+            Some(top) => Some(top.clone()),
+            None if record.policy.fresh => self.head(&record.cache)?.and_then(|h| h.layers.last().cloned()),
+            None => None,
+        };
+        let Some(top) = top else { return Ok(None) };
+        // In an image that is not mounted the root would look like a bare mount point: the
+        // caller mounts the images the record names and asks again.
+        if let Some(tag) = self.layer_image(&top) {
+            self.check_image_mounted(&tag)?;
         }
-        if record.policy.fresh {
-            let head = self.head(&record.cache)?;
-            return Ok(head.and_then(|h| h.layers.last().map(|l| self.layer_tree(l))));
-        }
-        Ok(None)
+        Ok(Some(self.layer_tree(&top)))
     }
 
     /// Gives a volume's root to a pod's fsGroup (recorded first, so a repeat re-applies it).

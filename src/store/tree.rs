@@ -41,7 +41,7 @@ pub enum TreeError {
 }
 
 impl TreeError {
-    fn new(op: &'static str, path: PathBuf, source: io::Error) -> Self {
+    pub(super) fn new(op: &'static str, path: PathBuf, source: io::Error) -> Self {
         match source.kind() {
             io::ErrorKind::NotFound => Self::NotFound { op, path, source },
             io::ErrorKind::AlreadyExists => Self::Exists { op, path, source },
@@ -51,7 +51,7 @@ impl TreeError {
 }
 
 /// Attaches the operation and (lazily built) path to a system call's error.
-trait Context<T> {
+pub(super) trait Context<T> {
     fn ctx(self, op: &'static str, path: impl FnOnce() -> PathBuf) -> Result<T, TreeError>;
 }
 
@@ -192,25 +192,25 @@ fn ignore_missing<E: Into<io::Error>>(result: Result<(), E>) -> io::Result<()> {
 }
 
 /// (st_dev, st_ino): what makes two names the same file.
-type Id = (libc::dev_t, libc::ino_t);
+pub(super) type Id = (libc::dev_t, libc::ino_t);
 
-fn id(st: &FileStat) -> Id {
+pub(super) fn id(st: &FileStat) -> Id {
     (st.st_dev, st.st_ino)
 }
 
-fn kind(st: &FileStat) -> SFlag {
+pub(super) fn kind(st: &FileStat) -> SFlag {
     SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
 }
 
-fn perms(st: &FileStat) -> Mode {
+pub(super) fn perms(st: &FileStat) -> Mode {
     Mode::from_bits_truncate(st.st_mode & 0o7777)
 }
 
-fn size(st: &FileStat) -> u64 {
+pub(super) fn size(st: &FileStat) -> u64 {
     u64::try_from(st.st_size).unwrap_or(0)
 }
 
-fn times(st: &FileStat) -> (TimeSpec, TimeSpec) {
+pub(super) fn times(st: &FileStat) -> (TimeSpec, TimeSpec) {
     (TimeSpec::new(st.st_atime, st.st_atime_nsec), TimeSpec::new(st.st_mtime, st.st_mtime_nsec))
 }
 
@@ -221,12 +221,12 @@ fn open_dir(path: &Path) -> Result<File, TreeError> {
     Ok(File::from(fd))
 }
 
-fn open_dir_at(parent: BorrowedFd<'_>, name: &OsStr) -> nix::Result<File> {
+pub(super) fn open_dir_at(parent: BorrowedFd<'_>, name: &OsStr) -> nix::Result<File> {
     openat(parent, name, DIR_FLAGS, Mode::empty()).map(File::from)
 }
 
 /// The names in a directory, without `.` and `..`, read in full so the walk can close it.
-fn list(dir: &File) -> io::Result<Vec<OsString>> {
+pub(super) fn list(dir: &File) -> io::Result<Vec<OsString>> {
     // A duplicate shares the offset, which nothing else here uses: `*at` calls ignore it.
     let mut stream = Dir::from_fd(OwnedFd::from(dir.try_clone()?))?;
     let mut names = Vec::new();
@@ -257,9 +257,9 @@ struct Level {
 }
 
 /// The open directories from a root to where a walk is, by descriptor.
-struct DirStack {
+pub(super) struct DirStack {
     root_path: PathBuf,
-    top: File,
+    pub(super) top: File,
     top_name: OsString,
     top_id: Id,
     // The root first, when the walk is below it; the root is never closed.
@@ -269,7 +269,7 @@ struct DirStack {
 }
 
 impl DirStack {
-    fn open(root: &Path) -> Result<Self, TreeError> {
+    pub(super) fn open(root: &Path) -> Result<Self, TreeError> {
         let top = open_dir(root)?;
         let st = fstat(top.as_fd()).ctx("fstat", || root.into())?;
         Ok(Self {
@@ -282,7 +282,7 @@ impl DirStack {
         })
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
+    pub(super) fn fd(&self) -> BorrowedFd<'_> {
         self.top.as_fd()
     }
 
@@ -298,21 +298,21 @@ impl DirStack {
         path
     }
 
-    fn path(&self) -> PathBuf {
+    pub(super) fn path(&self) -> PathBuf {
         match self.ancestors.len() {
             0 => self.root_path.clone(),
             n => self.path_with(n, &[&self.top_name]),
         }
     }
 
-    fn child(&self, name: &OsStr) -> PathBuf {
+    pub(super) fn child(&self, name: &OsStr) -> PathBuf {
         let mut path = self.path();
         path.push(name);
         path
     }
 
     /// The names leading from the root to `name` in the current directory.
-    fn rel(&self, name: &OsStr) -> Box<[OsString]> {
+    pub(super) fn rel(&self, name: &OsStr) -> Box<[OsString]> {
         let mut rel: Vec<OsString> = self.ancestors.iter().skip(1).map(|l| l.name.clone()).collect();
         if !self.ancestors.is_empty() {
             rel.push(self.top_name.clone());
@@ -322,7 +322,7 @@ impl DirStack {
     }
 
     /// Opens the subdirectory `name` that `st` described, refusing a swapped-in replacement.
-    fn open_child(&self, name: &OsStr, st: &FileStat) -> Result<File, TreeError> {
+    pub(super) fn open_child(&self, name: &OsStr, st: &FileStat) -> Result<File, TreeError> {
         let dir = open_dir_at(self.fd(), name).ctx("open", || self.child(name))?;
         let now = fstat(dir.as_fd()).ctx("fstat", || self.child(name))?;
         if id(&now) != id(st) {
@@ -331,7 +331,7 @@ impl DirStack {
         Ok(dir)
     }
 
-    fn push(&mut self, name: OsString, id: Id, dir: File) {
+    pub(super) fn push(&mut self, name: OsString, id: Id, dir: File) {
         let parent = Level {
             name: mem::replace(&mut self.top_name, name),
             id: mem::replace(&mut self.top_id, id),
@@ -345,7 +345,7 @@ impl DirStack {
     }
 
     /// Moves up to the parent; returns the directory left.
-    fn pop(&mut self) -> Result<File, TreeError> {
+    pub(super) fn pop(&mut self) -> Result<File, TreeError> {
         let Some(parent) = self.ancestors.pop() else {
             return Err(TreeError::new("pop", self.root_path.clone(), changed()));
         };
@@ -400,7 +400,7 @@ impl DirStack {
 
     /// Opens the directory holding `rel` (names from the root), one name at a time;
     /// None when that is the root itself.
-    fn open_parent_of(&self, rel: &[OsString]) -> Result<Option<File>, TreeError> {
+    pub(super) fn open_parent_of(&self, rel: &[OsString]) -> Result<Option<File>, TreeError> {
         let root = self.root_fd()?;
         let mut dir: Option<File> = None;
         let mut path = self.root_path.clone();
@@ -412,7 +412,7 @@ impl DirStack {
         Ok(dir)
     }
 
-    fn root_fd(&self) -> Result<BorrowedFd<'_>, TreeError> {
+    pub(super) fn root_fd(&self) -> Result<BorrowedFd<'_>, TreeError> {
         match self.ancestors.first() {
             None => Ok(self.top.as_fd()),
             Some(Level { dir: Some(dir), .. }) => Ok(dir.as_fd()),
@@ -612,51 +612,79 @@ impl Copier<'_> {
     }
 
     fn read_xattrs(&self, node: Node<'_>, path: impl Fn() -> PathBuf) -> Result<Xattrs, TreeError> {
-        let names = match node.list() {
-            Ok(names) => names,
-            // A filesystem without xattrs has none to copy.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
-            Err(e) => return Err(TreeError::new("llistxattr", path(), e)),
-        };
-        let mut xattrs = Vec::new();
-        for name in names {
-            if !self.opts.keep_overlay_xattrs && name.as_bytes().starts_with(OVERLAY_XATTRS) {
-                continue;
-            }
-            match node.get(&name) {
-                Ok(Some(value)) => xattrs.push((name, value)),
-                Ok(None) => {}
-                // Labels belong to the node's policy; a copy without one gets the default.
-                Err(_) if name == SELINUX => {}
-                Err(e) => return Err(TreeError::new("lgetxattr", path(), e)),
-            }
-        }
-        Ok(xattrs)
+        read_xattrs(node, self.opts.keep_overlay_xattrs, path)
     }
 
     fn write_xattrs(&self, node: Node<'_>, xattrs: &Xattrs, path: impl Fn() -> PathBuf) -> Result<(), TreeError> {
-        for (name, value) in xattrs {
-            match node.set(name, value) {
-                Ok(()) => {}
-                Err(_) if name == SELINUX => {}
-                Err(e) => return Err(TreeError::new("lsetxattr", path(), e)),
-            }
-        }
-        Ok(())
+        write_xattrs(node, xattrs, path)
     }
 }
 
-fn set_owner_fd(file: &File, st: &FileStat) -> nix::Result<()> {
+/// The xattrs of `node`, without `trusted.overlay.*` unless `keep_overlay`.
+pub(super) fn read_xattrs(node: Node<'_>, keep_overlay: bool, path: impl Fn() -> PathBuf) -> Result<Xattrs, TreeError> {
+    let names = match node.list() {
+        Ok(names) => names,
+        // A filesystem without xattrs has none to copy.
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
+        Err(e) => return Err(TreeError::new("llistxattr", path(), e)),
+    };
+    let mut xattrs = Vec::new();
+    for name in names {
+        if !keep_overlay && name.as_bytes().starts_with(OVERLAY_XATTRS) {
+            continue;
+        }
+        match node.get(&name) {
+            Ok(Some(value)) => xattrs.push((name, value)),
+            Ok(None) => {}
+            // Labels belong to the node's policy; a copy without one gets the default.
+            Err(_) if name == SELINUX => {}
+            Err(e) => return Err(TreeError::new("lgetxattr", path(), e)),
+        }
+    }
+    Ok(xattrs)
+}
+
+/// Sets `xattrs` on `node` (a label the policy refuses is left to the policy).
+pub(super) fn write_xattrs(node: Node<'_>, xattrs: &Xattrs, path: impl Fn() -> PathBuf) -> Result<(), TreeError> {
+    for (name, value) in xattrs {
+        match node.set(name, value) {
+            Ok(()) => {}
+            Err(_) if name == SELINUX => {}
+            Err(e) => return Err(TreeError::new("lsetxattr", path(), e)),
+        }
+    }
+    Ok(())
+}
+
+/// Copies one entry that is not a directory, with its owner, mode, times and xattrs (but not
+/// `trusted.overlay.*`): what a merge does with a file it cannot hard-link. Returns its bytes.
+pub(super) fn copy_entry(from: &DirStack, to: &DirStack, name: &OsStr, st: &FileStat) -> Result<u64, TreeError> {
+    let mut quiet = |_: &TreeStats| {};
+    let copier = Copier {
+        opts: CopyOptions { keep_overlay_xattrs: false },
+        stats: TreeStats::default(),
+        links: HashMap::new(),
+        dst_root: to.top_id,
+        progress: &mut quiet,
+    };
+    match kind(st) {
+        SFlag::S_IFREG => copier.file(from, to, name, st),
+        SFlag::S_IFLNK => copier.symlink(from, to, name, st).map(|()| 0),
+        other => copier.node(from, to, name, st, other).map(|()| 0),
+    }
+}
+
+pub(super) fn set_owner_fd(file: &File, st: &FileStat) -> nix::Result<()> {
     fchown(file.as_fd(), Some(Uid::from_raw(st.st_uid)), Some(Gid::from_raw(st.st_gid)))
 }
 
-type Xattrs = Vec<(OsString, Vec<u8>)>;
+pub(super) type Xattrs = Vec<(OsString, Vec<u8>)>;
 
-const OVERLAY_XATTRS: &[u8] = b"trusted.overlay.";
+pub(super) const OVERLAY_XATTRS: &[u8] = b"trusted.overlay.";
 const SELINUX: &str = "security.selinux";
 
 /// Where an entry's xattrs are reached: its open descriptor, or a no-follow path.
-enum Node<'a> {
+pub(super) enum Node<'a> {
     File(&'a File),
     Path(&'a Path),
 }
@@ -689,7 +717,7 @@ impl Node<'_> {
 
 /// A path naming `name` inside an open directory: the kernel follows the descriptor's link
 /// but, with the l* calls, not `name`, and the path stays short at any depth.
-fn proc_path(dir: BorrowedFd<'_>, name: &OsStr) -> PathBuf {
+pub(super) fn proc_path(dir: BorrowedFd<'_>, name: &OsStr) -> PathBuf {
     let mut path = OsString::from(format!("/proc/self/fd/{}/", dir.as_raw_fd()));
     path.push(name);
     PathBuf::from(path)
