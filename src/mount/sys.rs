@@ -55,6 +55,12 @@ pub fn overlay_options(spec: &OverlaySpec, target: &Path) -> Result<String, Moun
         opts.push_str(option_path(&upper.upper)?);
         opts.push_str(",workdir=");
         opts.push_str(option_path(&upper.work)?);
+        // No sync on the job's fsync and syncfs, nor on unmount, which would otherwise flush
+        // the whole upper filesystem, every other job's dirty data included. The commit makes
+        // exactly the upper's tree durable itself; an upper mounted when the node went down is
+        // never published. The kernel leaves work/incompat/volatile behind and refuses the
+        // pair until it is removed (the store does, knowing whether the node went down).
+        opts.push_str(",volatile");
     }
     opts.push(',');
     opts.push_str(FIXED_OPTIONS);
@@ -288,7 +294,7 @@ mod tests {
         let cases = [
             (
                 spec(&["/l/top", "/l/mid", "/l/bottom"], Some(("/v/upper", "/v/work"))),
-                "lowerdir=/l/top:/l/mid:/l/bottom,upperdir=/v/upper,workdir=/v/work,\
+                "lowerdir=/l/top:/l/mid:/l/bottom,upperdir=/v/upper,workdir=/v/work,volatile,\
                  index=off,redirect_dir=off,metacopy=off",
             ),
             (spec(&["/l/only"], None), "lowerdir=/l/only,index=off,redirect_dir=off,metacopy=off"),

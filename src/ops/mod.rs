@@ -154,6 +154,7 @@ impl Released {
                 NotPublished::LockUnusable { .. } => "failed",
                 NotPublished::NoSpace => "no_space",
                 NotPublished::CacheFull { .. } => "cache_full",
+                NotPublished::NodeRestarted => "node_restarted",
             },
         }
     }
@@ -186,6 +187,11 @@ impl std::fmt::Display for Released {
             Released::NotPublished { why: NotPublished::NoSpace } => {
                 write!(f, "not published: the cache's filesystem is full; the change was dropped to free it")
             }
+            Released::NotPublished { why: NotPublished::NodeRestarted } => write!(
+                f,
+                "not published: the node went down while the volume was mounted, so what the job \
+                 wrote may be cut short"
+            ),
             Released::NotPublished { why: NotPublished::CacheFull { size_bytes } } => write!(
                 f,
                 "not published: the job ran into the cache's size ({}): what it wrote may be cut short; \
@@ -595,7 +601,9 @@ impl Engine {
         if let Some(at) = self.mounts_of(record)?.into_iter().next() {
             return Err(OpsError::StagedElsewhere { volume: record.id.clone(), at });
         }
-        self.mounter.overlay(&self.overlay_spec(record), target).map_err(|source| self.mount_err(record, source))?;
+        // Writable overlays are mounted volatile (see mount::sys): the pair needs readying.
+        let record = self.store.prepare_volatile_mount(record)?;
+        self.mounter.overlay(&self.overlay_spec(&record), target).map_err(|source| self.mount_err(&record, source))?;
         Ok(true)
     }
 

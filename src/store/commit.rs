@@ -33,6 +33,9 @@ pub enum NotPublished {
     /// The cache's image was (nearly) full when the volume was released: the job ran into the
     /// cache's size, and what it wrote may be cut short.
     CacheFull { size_bytes: u64 },
+    /// The node went down while the volume was mounted: its upper (mounted `volatile`) may
+    /// hold writes cut short.
+    NodeRestarted,
     /// The publish lock could not be used at all (RBAC, a missing namespace) until the
     /// publish deadline; the delta was dropped.
     LockUnusable { message: String },
@@ -105,6 +108,9 @@ impl Store {
         }
         if !(record.policy.publish && allow) {
             return Ok(Prepared::Nothing(NotPublished::NotAllowed));
+        }
+        if self.upper_torn(&record) {
+            return Ok(Prepared::Nothing(NotPublished::NodeRestarted));
         }
         if let Some(tag) = &record.image {
             // A job that ran into the size may have files cut short: never publish those.

@@ -391,6 +391,11 @@ impl Layout {
     pub fn work_dir(&self, id: &VolumeId, image: Option<&ImageTag>) -> PathBuf {
         self.volume_data_dir(id, image).join("work")
     }
+    /// The directory overlay makes in a work directory mounted `volatile`; while it is there
+    /// the kernel refuses to mount that work directory again.
+    pub fn volatile_marker(&self, id: &VolumeId, image: Option<&ImageTag>) -> PathBuf {
+        self.work_dir(id, image).join("work/incompat/volatile")
+    }
     /// Image files of caches with a size, and their records.
     pub fn images_dir(&self) -> PathBuf {
         self.root.join("images")

@@ -3,6 +3,7 @@
 //! the publish lock between them (see [`commit`]).
 
 pub mod atomic;
+pub mod boot;
 pub mod commit;
 pub mod durable;
 pub mod gc;
@@ -294,6 +295,8 @@ impl Store {
             mount_group: None,
             image: None,
             images: Vec::new(),
+            boot: None,
+            torn: false,
         };
         let mut record = record;
         // A cache with an image keeps every volume's upper in it, sized or not: the size
@@ -348,6 +351,30 @@ impl Store {
         std::fs::rename(&new, &upper).map_err(|e| StoreError::io("rename", &new, e))?;
         // A volume whose upper vanished in a power cut could never be staged again.
         atomic::sync_dir(&self.layout.volume_data_dir(id, image))
+    }
+
+    /// Readies a volume's upper and work directories for a `volatile` overlay mount: records
+    /// this boot (an upper last mounted in an earlier boot is marked torn: the crash may have
+    /// cut its writes short), then removes the marker the kernel leaves in the work directory,
+    /// without which it refuses to mount the pair again. Within one boot nothing is lost by
+    /// that: the unsynced writes are still in the page cache.
+    pub fn prepare_volatile_mount(&self, record: &VolumeRecord) -> Result<VolumeRecord, StoreError> {
+        let boot = boot::boot_id();
+        let mut record = record.clone();
+        if record.boot != boot {
+            record.torn |= record.boot.is_some();
+            record.boot = boot;
+            atomic::write_json(&self.layout.volume_record(&record.id), &record)?;
+        }
+        // The marker is a directory holding an empty `dirty` file.
+        tree::remove_tree(&self.layout.volatile_marker(&record.id, record.image.as_ref()))?;
+        Ok(record)
+    }
+
+    /// Whether a volume's upper may hold writes a crash cut short: it was mounted (volatile) in
+    /// an earlier boot than this one.
+    pub fn upper_torn(&self, record: &VolumeRecord) -> bool {
+        record.torn || (record.boot.is_some() && record.boot != boot::boot_id())
     }
 
     /// Makes the volume's upper and work directories again if they are missing and nothing

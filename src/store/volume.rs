@@ -190,6 +190,15 @@ pub struct VolumeRecord {
     /// Every image it needs mounted: its own and those its base's layers live in.
     #[serde(default)]
     pub images: Vec<super::layout::ImageTag>,
+    /// The boot (the kernel's boot id) in which its overlay was last mounted writable. Overlays
+    /// are mounted `volatile`: nothing the job writes is synced until the commit syncs it, so
+    /// an upper mounted in an earlier boot may hold writes cut short by the crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<String>,
+    /// Its upper was mounted when the node went down (seen when it was mounted again in a
+    /// later boot): it is never published.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub torn: bool,
 }
 
 /// The orchestrator's request behind a volume: a repeat with the same values is the same volume.
