@@ -7,6 +7,7 @@
 //!   directories only (what promote does now);
 //! - `umount`: unmounting an overlay whose upper is on that filesystem, with one file written
 //!   (the kernel syncs the upper's whole filesystem when a writable overlay goes away);
+//! - `umount volatile`: the same overlay mounted `volatile`, as the driver mounts volumes;
 //! - `commit`: the whole commit through the public API (`Engine::release`: unmount, promote,
 //!   HEAD) of a volume the delta was written into.
 //!
@@ -74,8 +75,15 @@ fn main() {
         DIRS_A * DIRS_B + DIRS_A
     );
     println!(
-        "{:<26} {:>9} {:>24} {:>24} {:>16} {:>24} {:>24}",
-        "other dirty data", "Dirty MB", "syncfs", "tree sync", "syncfs/tree", "umount", "commit (Engine)"
+        "{:<26} {:>9} {:>24} {:>24} {:>16} {:>24} {:>24} {:>24}",
+        "other dirty data",
+        "Dirty MB",
+        "syncfs",
+        "tree sync",
+        "syncfs/tree",
+        "umount",
+        "umount volatile",
+        "commit (Engine)"
     );
     let mut bench = bench;
     let baseline = bench.row(runs, None);
@@ -117,6 +125,7 @@ struct Row {
     syncfs: Vec<f64>,
     tree: Vec<f64>,
     umount: Vec<f64>,
+    umount_volatile: Vec<f64>,
     commit: Vec<f64>,
 }
 
@@ -134,13 +143,14 @@ impl Row {
         };
         let ratios: Vec<f64> = self.syncfs.iter().zip(&self.tree).map(|(b, a)| b / a).collect();
         println!(
-            "{:<26} {:>9.0} {:>24} {:>24} {:>16} {:>24} {:>24}",
+            "{:<26} {:>9.0} {:>24} {:>24} {:>16} {:>24} {:>24} {:>24}",
             what,
             median(&mut self.dirty_mb.clone()),
             cell(&self.syncfs),
             cell(&self.tree),
             format!("x{:.1} ({:.1}-{:.1})", self.ratio(), min(&ratios), max(&ratios)),
             cell(&self.umount),
+            cell(&self.umount_volatile),
             cell(&self.commit),
         );
     }
@@ -166,7 +176,8 @@ impl Bench {
             durable::sync_tree(&delta).expect("tree sync");
             row.tree.push(ms(t.elapsed()));
 
-            row.umount.push(self.umount(dirty));
+            row.umount.push(self.umount(dirty, false));
+            row.umount_volatile.push(self.umount(dirty, true));
             row.commit.push(self.commit(run, dirty));
         }
         row
@@ -184,13 +195,16 @@ impl Bench {
     }
 
     /// An overlay with its upper on the filesystem, one file written, unmounted.
-    fn umount(&mut self, dirty: Option<u64>) -> f64 {
+    fn umount(&mut self, dirty: Option<u64>, volatile: bool) -> f64 {
         let base = self.fresh("ovl");
         let [lower, upper, work, merged] = ["lower", "upper", "work", "merged"].map(|d| base.join(d));
         for d in [&lower, &upper, &work, &merged] {
             fs::create_dir_all(d).expect("mkdir");
         }
-        let opts = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
+        let mut opts = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
+        if volatile {
+            opts.push_str(",volatile");
+        }
         nix::mount::mount(Some("overlay"), &merged, Some("overlay"), nix::mount::MsFlags::empty(), Some(opts.as_str()))
             .expect("mount overlay");
         fs::write(merged.join("f"), "one file").expect("write");
