@@ -220,19 +220,12 @@ impl Bench {
         let target = self.dir.join(format!("mnt-{n}"));
         fs::create_dir_all(&target).expect("mkdir");
         let id = VolumeId::new(format!("v{n}")).expect("id");
-        let req = NewVolume {
-            id: id.clone(),
-            cache: CacheKey::new("bench", &format!("c{n}")).expect("key"),
-            policy: Policy { publish: true, ..Policy::default() },
-            fallbacks: Vec::new(),
-            mount_path: Some(target.clone()),
-            owner: None,
-            request: None,
-            flags: jobcachefs::mount::MountOptions::default(),
-            root: Default::default(),
-            content: None,
-            cache_size: None,
-        };
+        let req = NewVolume::new(
+            id.clone(),
+            CacheKey::new("bench", &format!("c{n}")).expect("key"),
+            Policy { publish: true, ..Policy::default() },
+            Some(target.clone()),
+        );
         self.rt.block_on(self.engine.restore(req)).expect("restore");
         write_delta(&target, run);
         wait_dirty(dirty);

@@ -549,19 +549,12 @@ fn quick_module(k: usize, records: usize) -> String {
 
 /// A volume that publishes, mounted at `target`.
 fn new_volume(id: &str, cache: &CacheKey, target: &Path) -> NewVolume {
-    NewVolume {
-        id: VolumeId::new(id).expect("volume id"),
-        cache: cache.clone(),
-        policy: Policy { publish: true, ..Policy::default() },
-        fallbacks: Vec::new(),
-        mount_path: Some(target.to_path_buf()),
-        owner: None,
-        request: None,
-        flags: jobcachefs::mount::MountOptions::default(),
-        root: Default::default(),
-        content: None,
-        cache_size: None,
-    }
+    NewVolume::new(
+        VolumeId::new(id).expect("volume id"),
+        cache.clone(),
+        Policy { publish: true, ..Policy::default() },
+        Some(target.to_path_buf()),
+    )
 }
 
 /// Restores a new volume of `cache` at its own mount point and returns it.

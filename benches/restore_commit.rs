@@ -46,19 +46,12 @@ fn main() {
         let mut seq = 0;
         let mut vol = |policy: Policy, target: &Path| {
             seq += 1;
-            NewVolume {
-                id: VolumeId::new(format!("b{n}-{seq}")).expect("id"),
-                cache: cache.clone(),
+            NewVolume::new(
+                VolumeId::new(format!("b{n}-{seq}")).expect("id"),
+                cache.clone(),
                 policy,
-                fallbacks: Vec::new(),
-                mount_path: Some(target.to_path_buf()),
-                owner: None,
-                request: None,
-                flags: jobcachefs::mount::MountOptions::default(),
-                root: Default::default(),
-                content: None,
-                cache_size: None,
-            }
+                Some(target.to_path_buf()),
+            )
         };
         let publish = Policy { publish: true, ..Policy::default() };
         let target = dir.path().join(format!("m{n}"));

@@ -39,19 +39,12 @@ fn main() {
         let id = VolumeId::new(format!("stats-{n}")).expect("id");
         let target = dir.path().join(format!("m{n}"));
         fs::create_dir_all(&target).expect("mkdir");
-        let req = NewVolume {
-            id: id.clone(),
-            cache: CacheKey::new("bench", &format!("s{n}")).expect("key"),
-            policy: Policy { publish: true, ..Policy::default() },
-            fallbacks: Vec::new(),
-            mount_path: Some(target.clone()),
-            owner: None,
-            request: None,
-            flags: jobcachefs::mount::MountOptions::default(),
-            root: Default::default(),
-            content: None,
-            cache_size: None,
-        };
+        let req = NewVolume::new(
+            id.clone(),
+            CacheKey::new("bench", &format!("s{n}")).expect("key"),
+            Policy { publish: true, ..Policy::default() },
+            Some(target.clone()),
+        );
         rt.block_on(engine.restore(req)).expect("restore");
         for i in 0..n {
             let d = target.join(format!("d{}", i / 100));

@@ -140,6 +140,26 @@ pub struct NewVolume {
     pub cache_size: Option<u64>,
 }
 
+impl NewVolume {
+    /// A volume of `cache` mounted at `mount_path`, with every other choice at its default:
+    /// no fallbacks, owner, request, content or size, the default flags and root.
+    pub fn new(id: VolumeId, cache: CacheKey, policy: Policy, mount_path: Option<PathBuf>) -> Self {
+        Self {
+            id,
+            cache,
+            policy,
+            fallbacks: Vec::new(),
+            mount_path,
+            owner: None,
+            request: None,
+            flags: crate::mount::MountOptions::default(),
+            root: RootSpec::default(),
+            content: None,
+            cache_size: None,
+        }
+    }
+}
+
 /// Where a new volume's content comes from instead of its cache's HEAD.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Content {

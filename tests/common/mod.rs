@@ -124,19 +124,7 @@ pub fn publishing() -> Policy {
 }
 
 pub fn volume(id: &str, cache: &CacheKey, policy: Policy, target: &Path) -> NewVolume {
-    NewVolume {
-        id: VolumeId::new(id).expect("volume id"),
-        cache: cache.clone(),
-        policy,
-        fallbacks: Vec::new(),
-        mount_path: Some(target.to_path_buf()),
-        owner: None,
-        request: None,
-        flags: jobcachefs::mount::MountOptions::default(),
-        root: Default::default(),
-        content: None,
-        cache_size: None,
-    }
+    NewVolume::new(VolumeId::new(id).expect("volume id"), cache.clone(), policy, Some(target.to_path_buf()))
 }
 
 pub fn stdout(o: &Output) -> String {
