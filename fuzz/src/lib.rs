@@ -3,6 +3,7 @@
 
 use std::path::{Component, Path};
 
+use jobcachefs::store::layout::ImageTag;
 use jobcachefs::store::{CacheKey, LayerId, Layout, NameError, VolumeId};
 
 /// `[a-z0-9][a-z0-9._-]{0,62}` without `..` (cache names, namespaces, layer ids).
@@ -74,6 +75,13 @@ pub fn check_cache_paths(layout: &Layout, store_root: &Path, key: &CacheKey) {
     assert_path(&layout.head_path(key), store_root, &["caches", ns, name, "head.json"]);
     assert_path(&layout.lock_path(key), store_root, &["caches", ns, name, "lock"]);
     assert_path(&layout.used_path(key), store_root, &["caches", ns, name, "used"]);
+    // The cache's image: its tag is derived from the name, never the name itself.
+    let tag = ImageTag::of(key);
+    let t = tag.as_str();
+    assert!(t.len() == 12 && t.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)), "{t:?}");
+    let root = layout.root();
+    assert_path(&layout.image_file(&tag), root, &["images", &format!("{t}.img")]);
+    assert_path(&layout.image_mount(&tag), root, &["i", t]);
 }
 
 pub fn check_layer_paths(layout: &Layout, store_root: &Path, id: &LayerId) {
@@ -87,8 +95,13 @@ pub fn check_volume_paths(layout: &Layout, store_root: &Path, id: &VolumeId) {
     let root = layout.root();
     assert_path(&layout.volume_dir(id), root, &["volumes", s]);
     assert_path(&layout.volume_record(id), root, &["volumes", s, "volume.json"]);
-    assert_path(&layout.upper_dir(id), root, &["volumes", s, "upper"]);
-    assert_path(&layout.work_dir(id), root, &["volumes", s, "work"]);
+    assert_path(&layout.upper_dir(id, None), root, &["volumes", s, "upper"]);
+    assert_path(&layout.work_dir(id, None), root, &["volumes", s, "work"]);
+    // Inside a cache's image the volume's directories are named by its id the same way.
+    let tag = ImageTag::of(&CacheKey::new("fuzz", "image").unwrap());
+    let t = tag.as_str();
+    assert_path(&layout.upper_dir(id, Some(&tag)), root, &["i", t, "volumes", s, "upper"]);
+    assert_path(&layout.work_dir(id, Some(&tag)), root, &["i", t, "volumes", s, "work"]);
     assert_path(&layout.mount_dir(id), root, &["mnt", s]);
     assert_path(&layout.pin_path(id), store_root, &["pins", &format!("{s}.json")]);
 }
