@@ -315,7 +315,9 @@ impl Store {
             mount_group: None,
             image: None,
             images: Vec::new(),
-            boot: None,
+            // Mounted right away (a restore) in this boot: recorded now, so the mount need not
+            // write the record a second time. A volume staged later records its boot then.
+            boot: req.mount_path.as_ref().and_then(|_| boot::boot_id()),
             torn: false,
         };
         let mut record = record;
