@@ -86,7 +86,15 @@ impl Engine {
         held: Option<&OpenImage>,
     ) -> Result<(), OpsError> {
         for tag in tags {
+            // Mounted already (the usual case on restore and commit): no lock, no mountinfo
+            // read. Whoever calls this has a record naming the image or holds it otherwise, so
+            // an idle unmount cannot take it between this look and its use.
             if held.is_some_and(|h| h.record.tag == *tag) {
+                continue;
+            }
+            if self.store.image_mounted(tag) {
+                // Its top directories, in case a crash came between its mount and their mkdir.
+                self.store.prepare_image(tag)?;
                 continue;
             }
             let _lock = self.store.lock_image(tag)?;
