@@ -164,3 +164,35 @@ fn eviction_on_one_node_keeps_a_cache_another_node_has_mounted() {
     assert_eq!(version(&shared, &a_state), 0);
     let _ = SysMounter.unmount(&shared);
 }
+
+#[test]
+fn a_sized_cache_on_a_shared_store_publishes_where_every_node_reads() {
+    if !can_mount() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let shared = sb.path("shared");
+    nix::mount::mount(Some("tmpfs"), &shared, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=64m"))
+        .expect("mount tmpfs as the shared filesystem");
+    let (a_state, b_state) = (sb.dir.path().join("node-a"), sb.dir.path().join("node-b"));
+    let run = |state: &Path, extra: &[&str], script: &str| {
+        let args =
+            [&["run", "--cache", "npm", "--namespace", "ci", "--no-maintenance"], extra, &["--", "sh", "-c", script]];
+        shared_cli(state, &shared, &args.concat())
+    };
+    // Node A's jobs write into a 20 MiB image: over it they get ENOSPC, under it they publish
+    // to the shared layers, not into A's image, so node B reads what A published.
+    let full =
+        run(&a_state, &["--cache-size", "20Mi"], "dd if=/dev/zero of=$JOBCACHE_DIR/big bs=1M count=32 2>&1; true");
+    assert!(String::from_utf8_lossy(&full.stdout).contains("No space left on device"), "{full:?}");
+    let out = run(&a_state, &["--cache-size", "20Mi"], "echo from-a > $JOBCACHE_DIR/one");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("published v1"), "{out:?}");
+    let seen = run(&b_state, &[], "cat $JOBCACHE_DIR/one");
+    assert_eq!(String::from_utf8_lossy(&seen.stdout), "from-a\n", "{seen:?}");
+    let again = run(&a_state, &[], "cat $JOBCACHE_DIR/one && echo more > $JOBCACHE_DIR/two");
+    assert_eq!(String::from_utf8_lossy(&again.stdout), "from-a\n", "{again:?}");
+    let both = run(&b_state, &[], "cat $JOBCACHE_DIR/one $JOBCACHE_DIR/two");
+    assert_eq!(String::from_utf8_lossy(&both.stdout), "from-a\nmore\n", "{both:?}");
+    assert!(sb.mounts().iter().all(|m| m == &shared), "{:?}", sb.mounts());
+    let _ = SysMounter.unmount(&shared);
+}

@@ -89,7 +89,7 @@ impl Store {
                 }));
             }
             let dest = self.layout.layer_dir(layer);
-            if let Some(tag) = record.image.as_ref().filter(|_| !dest.is_dir()) {
+            if let Some(tag) = record.image.as_ref().filter(|_| !dest.is_dir() && !self.layout.is_shared()) {
                 // A crash between the rename inside the image and the link naming it.
                 if self.layout.image_layer_dir(tag, layer).is_dir() {
                     self.link_layer(tag, layer)?;
@@ -174,7 +174,11 @@ impl Store {
         };
         failpoint::hit("commit.after-pending");
         let dest = self.layout.layer_dir(&layer);
-        if let Some(tag) = &record.image {
+        if self.layout.is_shared() {
+            // Every node reads layers from the shared store, never from this node's image: the
+            // image bounds what the job writes, the shared store keeps what it published.
+            self.copy_to_shared(&upper, &layer)?;
+        } else if let Some(tag) = &record.image {
             // Inside the cache's image: still a rename, then a link in layers/ names the layer.
             self.check_image_mounted(tag)?;
             let real = self.layout.image_layer_dir(tag, &layer);
@@ -182,8 +186,6 @@ impl Store {
             atomic::sync_dir(&self.layout.image_layers_dir(tag))?;
             atomic::sync_dir(&self.layout.volume_data_dir(&id, Some(tag)))?;
             self.link_layer(tag, &layer)?;
-        } else if self.layout.is_shared() {
-            self.copy_to_shared(&upper, &layer)?;
         } else {
             std::fs::rename(&upper, &dest).map_err(|e| StoreError::io("rename upper to layer", &upper, e))?;
         }

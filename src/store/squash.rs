@@ -135,7 +135,8 @@ impl Store {
         // and hard-link theirs; gc sweeps such dot-names only under its exclusive lock, which
         // our shared pin excludes. A cache with a size builds inside its image: the squashed
         // bytes count against that size like every other layer of the cache.
-        let image = self.image(key)?.map(|r| r.tag);
+        // On a shared store layers live there for every node, whatever the image holds.
+        let image = if self.layout.is_shared() { None } else { self.image(key)?.map(|r| r.tag) };
         let flat = match &image {
             Some(tag) => {
                 self.check_image_mounted(tag)?;
