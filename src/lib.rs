@@ -10,4 +10,5 @@ pub mod lock;
 pub mod metrics;
 pub mod mount;
 pub mod ops;
+pub mod registry;
 pub mod store;

@@ -11,6 +11,8 @@ use jobcachefs::mount::{info, Mounter, SysMounter};
 use jobcachefs::ops::Engine;
 use jobcachefs::store::{CacheKey, Layout, NewVolume, Policy, Store, VolumeId};
 
+pub mod registry;
+
 /// Whether this process may mount. Outside CI a test that cannot mount says so and returns;
 /// in CI (`CI` set) it fails, so a missing privilege never passes silently.
 pub fn can_mount() -> bool {
