@@ -35,8 +35,56 @@ pub struct Cli {
     /// Versions every cache keeps (HEAD included) for `cache show` and `cache rollback`.
     #[arg(long, global = true, default_value_t = crate::store::history::DEFAULT_KEEP_VERSIONS, value_parser = parse_keep)]
     pub keep_versions: usize,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Sharing caches between nodes through an OCI registry.
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// The registry and repository prefix caches are shared through (REGISTRY/PREFIX, e.g.
+    /// registry.example:5000/ci-caches); cache NS/NAME lives in PREFIX/NS/NAME.
+    #[arg(long, global = true, env = "JOBCACHEFS_REGISTRY")]
+    pub registry: Option<String>,
+    /// Credentials: a Docker config file (the format of a kubernetes.io/dockerconfigjson Secret).
+    #[arg(long, global = true, env = "JOBCACHEFS_REGISTRY_AUTH")]
+    pub registry_auth: Option<PathBuf>,
+    /// A PEM bundle of CAs to trust for the registry, besides the system's.
+    #[arg(long, global = true)]
+    pub registry_ca: Option<PathBuf>,
+    /// Speak plain HTTP to the registry.
+    #[arg(long, global = true)]
+    pub registry_insecure: bool,
+    /// Versions that keep their `v<N>` tag in the registry (older ones lose it).
+    #[arg(long, global = true, default_value_t = 5, value_parser = parse_keep)]
+    pub registry_keep: usize,
+    /// How long a restore waits to learn the registry's newest version before it restores
+    /// this node's own.
+    #[arg(long, global = true, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub registry_timeout: Duration,
+}
+
+impl RegistryArgs {
+    /// The registry configuration, `None` without `--registry`.
+    pub fn config(&self, prefetch: Option<Duration>) -> Result<Option<crate::ops::remote::RemoteConfig>, CliError> {
+        let Some(spec) = &self.registry else { return Ok(None) };
+        let bad = |e: crate::registry::client::ClientError| CliError::Usage(format!("--registry {spec:?}: {e}"));
+        let mut config = crate::registry::RegistryConfig::parse(spec).map_err(bad)?;
+        config.auth_file = self.registry_auth.clone();
+        config.ca_file = self.registry_ca.clone();
+        config.insecure = self.registry_insecure;
+        config.timeout = self.registry_timeout.max(Duration::from_secs(10));
+        let registry = crate::registry::Registry::new(config).map_err(bad)?;
+        Ok(Some(crate::ops::remote::RemoteConfig {
+            registry,
+            restore_timeout: self.registry_timeout,
+            keep: self.registry_keep,
+            limits: crate::registry::archive::Limits::default(),
+            prefetch,
+        }))
+    }
 }
 
 /// The subcommands.
@@ -111,6 +159,13 @@ pub struct ServeArgs {
     /// no job can fill the node's disk. Off by default: such caches live on the state dir.
     #[arg(long, value_parser = parse_cache_size)]
     pub default_cache_size: Option<u64>,
+    /// With --registry: poll the registry for new versions of the caches this node holds and
+    /// pull their layers in the background, so the next restore is a mount.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefetch: bool,
+    /// How often prefetch polls (each poll jittered by up to a fifth).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub prefetch_interval: Duration,
 }
 
 /// The publish-lock backends.
@@ -220,6 +275,10 @@ pub enum CacheCommand {
     Rm(CacheArg),
     /// Make a kept version's content the cache's next version (undo a poisoned publish).
     Rollback(RollbackArgs),
+    /// Pull the registry's newest version of a cache onto this node (needs --registry).
+    Pull(CacheArg),
+    /// Push this node's current version of a cache to the registry (needs --registry).
+    Push(CacheArg),
 }
 
 /// `jobcachefs cache rollback`.
@@ -394,7 +453,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             cache_key(&volume.namespace, &volume.cache)?;
             fallbacks(volume)?;
         }
-        Command::Cache(CacheCommand::Show(c) | CacheCommand::Rm(c))
+        Command::Cache(
+            CacheCommand::Show(c) | CacheCommand::Rm(c) | CacheCommand::Pull(c) | CacheCommand::Push(c),
+        )
         | Command::Cache(CacheCommand::Squash(SquashArgs { cache: c, .. }))
         | Command::Cache(CacheCommand::Rollback(RollbackArgs { cache: c, .. })) => {
             cache_key(&c.namespace, &c.name)?;
@@ -408,23 +469,37 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Release(_) | Command::Csi(_) | Command::Cache(CacheCommand::Ls(_) | CacheCommand::Gc(_)) => {}
     }
+    if cli.registry.registry.is_some() && cli.shared_dir.is_some() {
+        return Err(CliError::Usage(
+            "--registry and --shared-dir are two ways to share caches: give one of them".into(),
+        ));
+    }
+    let prefetch = match &cli.command {
+        Command::Serve(args) if args.prefetch => Some(args.prefetch_interval.max(Duration::from_secs(1))),
+        _ => None,
+    };
+    let remote = cli.registry.config(prefetch)?;
+    let with_remote = |engine: Engine| match &remote {
+        Some(config) => engine.with_registry(config.clone()),
+        None => engine,
+    };
     let squasher = detached_squash(&cli);
     match cli.command {
         Command::Run(args) => {
-            let mut engine = engine(&layout, (cli.lock_timeout, cli.keep_versions), true)?;
+            let mut engine = with_remote(engine(&layout, (cli.lock_timeout, cli.keep_versions), true)?);
             if !args.no_maintenance {
                 engine = engine.with_background_squash(DEFAULT_MAX_DEPTH, squasher);
             }
             run_command(engine, args).await
         }
         Command::Mount(args) => {
-            mount_command(engine(&layout, (cli.lock_timeout, cli.keep_versions), true)?, args).await
+            mount_command(with_remote(engine(&layout, (cli.lock_timeout, cli.keep_versions), true)?), args).await
         }
         Command::Release(args) => {
-            release_command(engine(&layout, (cli.lock_timeout, cli.keep_versions), false)?, args).await
+            release_command(with_remote(engine(&layout, (cli.lock_timeout, cli.keep_versions), false)?), args).await
         }
         Command::Serve(args) => {
-            serve_command(engine(&layout, (cli.lock_timeout, cli.keep_versions), true)?, args).await
+            serve_command(with_remote(engine(&layout, (cli.lock_timeout, cli.keep_versions), true)?), args).await
         }
         Command::Csi(args) => {
             crate::csi::client::run(args).await.map_err(|e| CliError::Usage(e.to_string()))?;
@@ -432,7 +507,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Cache(cmd) => {
             let probe = matches!(cmd, CacheCommand::Squash(_));
-            cache_command(engine(&layout, (cli.lock_timeout, cli.keep_versions), probe)?, cmd).await
+            cache_command(with_remote(engine(&layout, (cli.lock_timeout, cli.keep_versions), probe)?), cmd).await
         }
     }
 }
@@ -592,7 +667,7 @@ async fn run_command(engine: Engine, args: RunArgs) -> Result<ExitCode, CliError
         }
     };
     let allow = failed.is_none() || args.publish_on_failure;
-    let published = match engine.release(&id, allow).await {
+    let published = match release_through_registry(&engine, &id, allow).await {
         Ok(Some(released)) => {
             let _ = std::fs::remove_dir(&target);
             describe_release(&released, &policy, failed)
@@ -603,6 +678,27 @@ async fn run_command(engine: Engine, args: RunArgs) -> Result<ExitCode, CliError
     };
     eprintln!("jobcachefs: {}; {}", describe_restore(&restored), published);
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// Releases, retrying a registry that fails the publish a few times (about half a minute);
+/// then the change is dropped with the reason, so the job's volume never stays behind.
+async fn release_through_registry(
+    engine: &Engine,
+    id: &VolumeId,
+    allow: bool,
+) -> Result<Option<crate::ops::Released>, crate::ops::OpsError> {
+    let mut wait = Duration::from_secs(1);
+    for _ in 0..5 {
+        match engine.release(id, allow).await {
+            Err(e @ crate::ops::OpsError::Remote { .. }) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "registry failed the publish");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            other => return other,
+        }
+    }
+    engine.clone().with_publish_deadline(Duration::ZERO).release(id, allow).await
 }
 
 /// Runs the job with the cache in $JOBCACHE_DIR, as `user` when given (root is dropped before
@@ -787,6 +883,13 @@ async fn serve_command(engine: Engine, args: ServeArgs) -> Result<ExitCode, CliE
         }
         None => None,
     };
+    if let Some(registry) = engine.registry() {
+        if args.lock == LockBackend::File {
+            tracing::warn!(registry = %registry.config().host,
+                "--registry with --lock file: only this node may publish; nodes sharing a registry need --lock lease");
+        }
+    }
+    let prefetch = engine.spawn_prefetch();
     let driver = Arc::new(
         crate::csi::Driver::new(engine, args.node_id, access, maintenance).with_capacity_reserve(args.capacity_reserve),
     );
@@ -803,6 +906,9 @@ async fn serve_command(engine: Engine, args: ServeArgs) -> Result<ExitCode, CliE
     };
     let served = crate::csi::serve(&socket, driver, shutdown).await;
     upkeep.abort();
+    if let Some(task) = prefetch {
+        task.abort();
+    }
     if let Some(task) = metrics_task {
         task.abort();
     }
@@ -848,24 +954,60 @@ async fn cache_command(engine: Engine, cmd: CacheCommand) -> Result<ExitCode, Cl
                     infos.push(info);
                 }
             }
+            let mut remotes = Vec::new();
+            for i in &infos {
+                remotes.push(remote_version(&engine, &i.cache).await);
+            }
             if json.json {
-                print_json(&infos)?;
+                #[derive(Serialize)]
+                struct Row<'a> {
+                    #[serde(flatten)]
+                    info: &'a crate::store::CacheInfo,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    remote: Option<&'a RemoteColumn>,
+                }
+                let rows: Vec<Row> = infos.iter().zip(&remotes).map(|(info, r)| Row { info, remote: r.as_ref() }).collect();
+                print_json(&rows)?;
             } else {
+                let remote_head = if engine.registry().is_some() { "  REGISTRY" } else { "" };
                 println!(
-                    "{:<40} {:>7} {:>5} {:>11} {:>9} {:>8} {:>12}",
+                    "{:<40} {:>7} {:>5} {:>11} {:>9} {:>8} {:>12}{remote_head}",
                     "CACHE", "VERSION", "DEPTH", "SIZE", "FILES", "VOLUMES", "LAST USED"
                 );
-                for i in infos {
+                for (i, r) in infos.into_iter().zip(remotes) {
                     println!(
-                        "{:<40} {:>7} {:>5} {:>11} {:>9} {:>8} {:>12}",
+                        "{:<40} {:>7} {:>5} {:>11} {:>9} {:>8} {:>12}{}",
                         i.cache.to_string(),
                         i.version,
                         i.layers.len(),
                         bytesize::ByteSize(i.bytes).display().iec().to_string(),
                         i.files,
                         i.volumes,
-                        age(i.last_used_unix)
+                        age(i.last_used_unix),
+                        r.map(|r| format!("  {}", r.text())).unwrap_or_default()
                     );
+                }
+            }
+        }
+        CacheCommand::Pull(arg) => {
+            let key = cache_key(&arg.namespace, &arg.name)?;
+            let synced = engine.sync_cache(&key).await?;
+            use crate::ops::remote::Synced;
+            match synced {
+                Synced::NoRemote => println!("cache {key}: the registry has no version"),
+                Synced::Current(v) => println!("cache {key}: v{v} is current, nothing pulled"),
+                Synced::Pulled { version, layers, bytes } => println!(
+                    "cache {key}: pulled v{version} ({layers} layers, {})",
+                    bytesize::ByteSize(bytes).display().iec()
+                ),
+            }
+        }
+        CacheCommand::Push(arg) => {
+            let key = cache_key(&arg.namespace, &arg.name)?;
+            match engine.push_cache(&key).await? {
+                crate::ops::remote::Pushed::Already(v) => println!("cache {key}: the registry already has v{v}"),
+                crate::ops::remote::Pushed::Head { version, digest } => {
+                    println!("cache {key}: pushed v{version} ({digest})")
                 }
             }
         }
@@ -877,6 +1019,7 @@ async fn cache_command(engine: Engine, cmd: CacheCommand) -> Result<ExitCode, Cl
                 layers.push(store.layer(id)?);
             }
             let versions = version_rows(&store, &key)?;
+            let remote = remote_version(&engine, &key).await;
             if arg.json.json {
                 #[derive(Serialize)]
                 struct Show<'a> {
@@ -884,10 +1027,15 @@ async fn cache_command(engine: Engine, cmd: CacheCommand) -> Result<ExitCode, Cl
                     info: &'a crate::store::CacheInfo,
                     layer_records: &'a [Option<crate::store::LayerRecord>],
                     versions: &'a [VersionRow],
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    remote: Option<&'a RemoteColumn>,
                 }
-                print_json(&Show { info: &info, layer_records: &layers, versions: &versions })?;
+                print_json(&Show { info: &info, layer_records: &layers, versions: &versions, remote: remote.as_ref() })?;
             } else if info.version == 0 {
                 println!("cache {key}: no version yet ({} volumes in use)", info.volumes);
+                if let Some(r) = &remote {
+                    println!("registry: {}", r.text());
+                }
             } else {
                 println!(
                     "cache {key}: version {}, {} layers, {}, {} files, {} volumes in use, last used {}",
@@ -898,6 +1046,9 @@ async fn cache_command(engine: Engine, cmd: CacheCommand) -> Result<ExitCode, Cl
                     info.volumes,
                     age(info.last_used_unix)
                 );
+                if let Some(r) = &remote {
+                    println!("registry: {}", r.text());
+                }
                 println!("layers, bottom to top:");
                 for (id, rec) in info.layers.iter().zip(&layers) {
                     match rec {
@@ -1029,6 +1180,39 @@ struct VersionRow {
     by: String,
 }
 
+/// A cache's version in the registry, as `cache ls|show` print it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum RemoteColumn {
+    /// The registry's `head`.
+    Version { version: u64, lineage: String, manifest: String },
+    /// The registry has no version of the cache.
+    None,
+    /// The registry could not be asked.
+    Error(String),
+}
+
+impl RemoteColumn {
+    fn text(&self) -> String {
+        match self {
+            RemoteColumn::Version { version, manifest, .. } => {
+                format!("v{version} ({})", manifest.get(..19).unwrap_or(manifest))
+            }
+            RemoteColumn::None => "no version".into(),
+            RemoteColumn::Error(e) => format!("unreachable: {e}"),
+        }
+    }
+}
+
+async fn remote_version(engine: &Engine, key: &CacheKey) -> Option<RemoteColumn> {
+    engine.registry()?;
+    Some(match engine.remote_head(key).await {
+        Ok(Some((v, manifest))) => RemoteColumn::Version { version: v.version, lineage: v.lineage, manifest },
+        Ok(None) => RemoteColumn::None,
+        Err(e) => RemoteColumn::Error(e.to_string()),
+    })
+}
+
 fn version_rows(store: &Store, key: &CacheKey) -> Result<Vec<VersionRow>, CliError> {
     use crate::store::history::Origin;
     let mut rows = Vec::new();
@@ -1038,6 +1222,7 @@ fn version_rows(store: &Store, key: &CacheKey) -> Result<Vec<VersionRow>, CliErr
             Origin::Publish { volume, pod: Some(pod) } => format!("volume {volume} (pod {pod})"),
             Origin::Publish { volume, pod: None } => format!("volume {volume}"),
             Origin::Rollback { to } => format!("rollback to v{to}"),
+            Origin::Pull { manifest } => format!("registry ({})", manifest.get(..19).unwrap_or(manifest)),
             Origin::Unknown => "unknown".into(),
         };
         rows.push(VersionRow { version: v.version, created_unix: v.created_unix, depth: v.layers.len(), bytes, by });

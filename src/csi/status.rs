@@ -56,7 +56,7 @@ fn store_code(e: &StoreError) -> Code {
         StoreError::NoVersion(_) | StoreError::VersionNotKept { .. } => Code::NotFound,
         StoreError::AlreadyCurrent { .. } => Code::FailedPrecondition,
         StoreError::CacheSizeTooSmall { .. } => Code::InvalidArgument,
-        StoreError::ImageTaken { .. } => Code::FailedPrecondition,
+        StoreError::ImageTaken { .. } | StoreError::LayerMismatch { .. } => Code::FailedPrecondition,
         StoreError::ImageNotMounted { .. }
         | StoreError::StateDir(_)
         | StoreError::Io { .. }
@@ -96,6 +96,8 @@ fn ops_code(e: &OpsError) -> Code {
         OpsError::Store(e) => store_code(e),
         OpsError::Mount { source, .. } | OpsError::Image { source, .. } => mount_code(source),
         OpsError::Lock { source, .. } | OpsError::CacheLock { source, .. } => lock_code(source),
+        // Kept for a retry (a publish) or restored from the local version (a pull).
+        OpsError::Remote { .. } => Code::Unavailable,
         OpsError::ForeignMount { .. }
         | OpsError::StagedElsewhere { .. }
         | OpsError::MountedOtherwise { .. }

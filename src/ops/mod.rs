@@ -9,6 +9,7 @@
 mod images;
 mod inflight;
 mod node;
+pub mod remote;
 mod snapshots;
 mod upkeep;
 
@@ -102,6 +103,9 @@ pub enum OpsError {
     /// Squash could not mount or unmount its read-only view.
     #[error("squash {cache}: {source}")]
     SquashMount { cache: CacheKey, source: MountError },
+    /// The registry side of a publish or a pull failed; a publish keeps its change for a retry.
+    #[error("cache {cache}: {source}")]
+    Remote { cache: CacheKey, source: remote::RemoteError },
     /// A blocking task died.
     #[error("internal: task failed: {0}")]
     Join(String),
@@ -155,6 +159,7 @@ impl Released {
                 NotPublished::NoSpace => "no_space",
                 NotPublished::CacheFull { .. } => "cache_full",
                 NotPublished::NodeRestarted => "node_restarted",
+                NotPublished::RegistryFailed { .. } => "registry_failed",
             },
         }
     }
@@ -180,6 +185,9 @@ impl std::fmt::Display for Released {
             Released::NotPublished { why: NotPublished::Unchanged } => write!(f, "not published: nothing changed"),
             Released::NotPublished { why: NotPublished::LockUnusable { message } } => {
                 write!(f, "not published: the publish lock cannot be used: {message}")
+            }
+            Released::NotPublished { why: NotPublished::RegistryFailed { message } } => {
+                write!(f, "not published: the registry did not take the version before the publish deadline: {message}")
             }
             Released::NotPublished { why: NotPublished::JobFailed } => {
                 write!(f, "not published: a pod that used the volume did not succeed (publishWhen=on-success)")
@@ -226,6 +234,7 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     usage: node::UsageCache,
     default_cache_size: Option<u64>,
+    remote: Option<Arc<remote::Remote>>,
 }
 
 /// Runs blocking store or mount work off the async threads, inside the caller's span.
@@ -271,6 +280,7 @@ fn release_event(cache: &CacheKey, released: &Released, took: Duration) -> Cache
                         | NotPublished::DeadlinePassed { .. }
                         | NotPublished::NoSpace
                         | NotPublished::LockUnusable { .. }
+                        | NotPublished::RegistryFailed { .. }
                 }
             );
             let why = other.to_string();
@@ -309,6 +319,7 @@ impl Engine {
             metrics: Arc::new(Metrics::default()),
             usage: node::UsageCache::default(),
             default_cache_size: None,
+            remote: None,
         }
     }
 
@@ -393,6 +404,9 @@ impl Engine {
         let started = std::time::Instant::now();
         let target = req.mount_path.clone().ok_or_else(|| OpsError::NoMountPath(req.id.clone()))?;
         let existed = self.store.volume(&req.id)?.is_some();
+        if !existed {
+            self.sync_for(&req);
+        }
         let image = self.open_image(&req.cache, req.cache_size)?;
         let created = self.create_volume(&req, image.as_ref());
         // Held until the record names the image: from then on nothing unmounts it under us.
@@ -542,6 +556,9 @@ impl Engine {
                 if let (Some(crate::store::Content::Volume(source)), None) = (&req.content, this.store.volume(&req.id)?)
                 {
                     this.check_clone_source(source)?;
+                }
+                if this.store.volume(&req.id)?.is_none() {
+                    this.sync_for(&req);
                 }
                 let image = this.open_image(&req.cache, req.cache_size)?;
                 let record = this.create_volume(&req, image.as_ref())?;
@@ -741,6 +758,10 @@ impl Engine {
         if let Some(done) = blocking(move || Ok(this.store.head_names(&rec, &layer)?)).await? {
             return self.decide(&record, done, &promoted).await;
         }
+        // Content-addressed blobs go up before the lock: only the manifest is put under it.
+        if let Err(e) = self.push_layers(&record, &promoted).await {
+            return self.give_up_or_retry_remote(id, &promoted.layer, e).await;
+        }
         let started = std::time::Instant::now();
         let guard = match self.lock.acquire(&record.cache, self.lock_timeout).await {
             Ok(guard) => guard,
@@ -750,12 +771,9 @@ impl Engine {
             }
         };
         let waited = started.elapsed();
-        let this = self.clone();
-        let rec = record.clone();
-        let pro = promoted.clone();
         let held = guard.ensure_held().map_err(|source| OpsError::Lock { volume: id.clone(), source });
         let advanced = match held {
-            Ok(()) => blocking(move || Ok(this.store.advance_head(&rec, &pro)?)).await,
+            Ok(()) => self.advance_remote(&record, &promoted).await,
             Err(e) => Err(e),
         };
         // Released only now that the HEAD write it protects has finished (or failed).
@@ -764,7 +782,10 @@ impl Engine {
         if let Err(OpsError::Lock { source, .. }) = &advanced {
             self.metrics.lock_failed(lock_kind(source));
         }
-        let advanced = advanced?;
+        let advanced = match advanced {
+            Err(e @ OpsError::Remote { .. }) => return self.give_up_or_retry_remote(id, &promoted.layer, e).await,
+            other => other?,
+        };
         if let Err(e) = released {
             // HEAD is written; a Lease that could not be cleared expires by itself.
             tracing::warn!(error = %e, "could not release the publish lock after the commit; it will expire");
@@ -840,8 +861,33 @@ impl Engine {
             _ => NotPublished::DeadlinePassed { after_secs: self.publish_deadline.unwrap_or_default().as_secs() },
         };
         let config = matches!(source, LockError::Config { .. });
-        let reason = source.to_string();
         let retry = OpsError::Lock { volume: id.clone(), source };
+        self.drop_after_deadline(id, layer, retry, why, config).await
+    }
+
+    /// A registry that failed the publish: retried until the publish deadline, then dropped.
+    async fn give_up_or_retry_remote(
+        &self,
+        id: &VolumeId,
+        layer: &crate::store::LayerId,
+        err: OpsError,
+    ) -> Result<Option<Released>, OpsError> {
+        let why = NotPublished::RegistryFailed { message: err.to_string() };
+        self.drop_after_deadline(id, layer, err, why, true).await
+    }
+
+    /// Before the publish deadline (counted from the layer's promotion) the caller is told to
+    /// retry (`retry`) with the layer kept; past it the change is dropped as `why`. `loud`: the
+    /// failure needs a person (logged as an error).
+    async fn drop_after_deadline(
+        &self,
+        id: &VolumeId,
+        layer: &crate::store::LayerId,
+        retry: OpsError,
+        why: NotPublished,
+        config: bool,
+    ) -> Result<Option<Released>, OpsError> {
+        let reason = retry.to_string();
         let Some(deadline) = self.publish_deadline else { return Err(retry) };
         let this = self.clone();
         let (vid, layer) = (id.clone(), layer.clone());
@@ -853,7 +899,7 @@ impl Engine {
             }
             if config {
                 tracing::error!(layer.id = %layer, age_secs = age, error = %reason,
-                    "publish deadline passed with the publish lock unusable; change dropped");
+                    "publish deadline passed with the publish lock or registry unusable; change dropped");
             } else {
                 tracing::warn!(layer.id = %layer, age_secs = age, error = %reason, "publish deadline passed; change dropped");
             }

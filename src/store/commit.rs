@@ -39,6 +39,9 @@ pub enum NotPublished {
     /// The publish lock could not be used at all (RBAC, a missing namespace) until the
     /// publish deadline; the delta was dropped.
     LockUnusable { message: String },
+    /// The registry could not take the version (down, refusing, too slow) until the publish
+    /// deadline; the delta was dropped.
+    RegistryFailed { message: String },
 }
 
 /// An upper directory that became a layer and waits for HEAD.
@@ -59,6 +62,15 @@ pub enum Prepared {
     Nothing(NotPublished),
     /// A decision an earlier attempt recorded and did not finish; [`Store::settle`] finishes it.
     Decided(Decision),
+}
+
+/// What the HEAD phase will do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextHead {
+    /// Nothing to write: already done (a retry), or stale.
+    Decided(Advanced),
+    /// Write this HEAD.
+    Write(Head),
 }
 
 /// The outcome of the HEAD phase.
@@ -215,6 +227,7 @@ impl Store {
             files: stats.files,
             created_unix: now_unix(),
             from_volume: Some(volume.id.clone()),
+            blob: None,
         };
         atomic::write_json(&self.layout.layer_record(&layer), &layer_record)?;
         atomic::sync_dir(&self.layout.volume_dir(&volume.id))?;
@@ -278,12 +291,22 @@ impl Store {
     /// nothing: the caller records it, then [`Store::settle`]s.
     pub fn advance_head(&self, record: &VolumeRecord, promoted: &Promoted) -> Result<Advanced, StoreError> {
         let _pin = self.state_lock(false)?;
+        let _heads = self.head_lock(&record.cache)?;
+        match self.next_head(record, promoted)? {
+            NextHead::Decided(advanced) => Ok(advanced),
+            NextHead::Write(head) => self.write_next_head(record, &head),
+        }
+    }
+
+    /// What [`Store::advance_head`] would do, writing nothing: a registry publish puts the
+    /// manifest of the new version before this node's HEAD names it.
+    pub fn next_head(&self, record: &VolumeRecord, promoted: &Promoted) -> Result<NextHead, StoreError> {
         let key = &record.cache;
         let current = self.head(key)?;
         let current_version = current.as_ref().map_or(Head::NONE, |h| h.version);
         // A retry after a crash that came after the HEAD write: the commit already happened.
         if let Some(done) = self.head_names(record, &promoted.layer)? {
-            return Ok(done);
+            return Ok(NextHead::Decided(done));
         }
         let base = record.base.version;
         let current_lineage = current.as_ref().map_or("", |h| h.lineage.as_str());
@@ -310,7 +333,7 @@ impl Store {
         {
             current.as_ref().map(|h| h.layers.clone()).unwrap_or_default()
         } else {
-            return Ok(Advanced::Stale { base, current: current_version, other_lifetime });
+            return Ok(NextHead::Decided(Advanced::Stale { base, current: current_version, other_lifetime }));
         };
         let mut layers = below;
         layers.push(promoted.layer.clone());
@@ -318,7 +341,13 @@ impl Store {
         // (one written before lineages existed gets one now).
         let lineage =
             current.as_ref().map(|h| h.lineage.clone()).filter(|l| !l.is_empty()).unwrap_or_else(Head::new_lineage);
-        let head = Head { version: current_version + 1, layers, updated_unix: now_unix(), lineage };
+        Ok(NextHead::Write(Head { version: current_version + 1, layers, updated_unix: now_unix(), lineage }))
+    }
+
+    /// Writes the HEAD [`Store::next_head`] planned (history first). The caller holds the
+    /// publish lock, the state lock shared and [`Store::head_lock`].
+    pub fn write_next_head(&self, record: &VolumeRecord, head: &Head) -> Result<Advanced, StoreError> {
+        let key = &record.cache;
         atomic::create_dir_durable(&self.layout.cache_dir(key))?;
         let pod = record
             .request
@@ -330,9 +359,9 @@ impl Store {
             pod: pod.map(|(namespace, name)| format!("{namespace}/{name}")),
         };
         let keep = record.policy.keep_versions.map_or(self.keep_versions, |k| k.min(self.keep_versions));
-        self.record_version(key, &head, origin, keep)?;
+        self.record_version(key, head, origin, keep)?;
         failpoint::hit("commit.before-head");
-        atomic::write_json(&self.layout.head_path(key), &head)?;
+        atomic::write_json(&self.layout.head_path(key), head)?;
         failpoint::hit("commit.after-head");
         self.touch_used(key);
         Ok(Advanced::Committed { version: head.version, depth: head.layers.len() })

@@ -32,6 +32,11 @@ pub enum Origin {
         /// The version whose content this is.
         to: u64,
     },
+    /// Pulled from a registry: another node published it.
+    Pull {
+        /// The manifest's digest.
+        manifest: String,
+    },
 }
 
 /// `caches/<ns>/<name>/versions/<N>.json`.

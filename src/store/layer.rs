@@ -14,6 +14,8 @@ pub enum LayerKind {
     Squash,
     /// A copy of a mounted-nowhere volume's upper, taken for a snapshot.
     Snapshot,
+    /// Unpacked from a registry's blob.
+    Pull,
 }
 
 /// `layers/<id>.json`.
@@ -34,4 +36,8 @@ pub struct LayerRecord {
     /// The volume whose upper it was.
     #[serde(default)]
     pub from_volume: Option<VolumeId>,
+    /// The blob it is (or was pushed as) in a registry: what a remote layer of the same id
+    /// must match before the local one stands in for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<crate::registry::Blob>,
 }

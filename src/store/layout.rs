@@ -323,6 +323,10 @@ impl Layout {
     pub fn lock_path(&self, key: &CacheKey) -> PathBuf {
         self.cache_dir(key).join("lock")
     }
+    /// Serialises this node's HEAD writes of the cache: a commit's and a pulled version's.
+    pub fn head_lock_path(&self, key: &CacheKey) -> PathBuf {
+        self.cache_dir(key).join("head.lock")
+    }
     /// Touched on every restore and commit; its mtime is the cache's last use.
     pub fn used_path(&self, key: &CacheKey) -> PathBuf {
         self.cache_dir(key).join("used")

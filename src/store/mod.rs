@@ -13,6 +13,7 @@ pub mod image;
 pub mod layer;
 pub mod layout;
 pub mod merge;
+pub mod remote;
 pub mod root;
 pub mod snapshot;
 pub mod squash;
@@ -81,6 +82,9 @@ pub enum StoreError {
     /// A layer tree could not be measured, copied or removed.
     #[error(transparent)]
     Tree(#[from] tree::TreeError),
+    /// A registry's version names a layer id this node holds with other content.
+    #[error("cache {cache}: the registry's layer {layer} is {remote}, but this node's layer {layer} is {local}")]
+    LayerMismatch { cache: CacheKey, layer: LayerId, remote: String, local: String },
 }
 
 impl StoreError {
@@ -265,6 +269,22 @@ impl Store {
             .map_err(|e| StoreError::io("open", &path, e))?;
         let arg = if exclusive { FlockArg::LockExclusive } else { FlockArg::LockShared };
         Flock::lock(file, arg).map(StateLock).map_err(|(_, errno)| StoreError::io("flock", &path, errno.into()))
+    }
+
+    /// Serialises this node's HEAD writes of `key` (a commit and a pulled version) across
+    /// processes; held for a few file writes only.
+    pub fn head_lock(&self, key: &CacheKey) -> Result<StateLock, StoreError> {
+        atomic::create_dir_durable(&self.layout.cache_dir(key))?;
+        let path = self.layout.head_lock_path(key);
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("open", &path, e))?;
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map(StateLock)
+            .map_err(|(_, errno)| StoreError::io("flock", &path, errno.into()))
     }
 
     /// The cache's HEAD, `None` when it has no version.

@@ -121,6 +121,7 @@ impl Store {
                 files: stats.files,
                 created_unix: now_unix(),
                 from_volume: Some(volume.id.clone()),
+                blob: None,
             };
             atomic::write_json(&self.layout.layer_record(&layer), &record)?;
             atomic::sync_dir(&self.layout.layers_dir())?;

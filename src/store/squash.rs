@@ -261,6 +261,7 @@ impl Store {
             files: stats.files,
             created_unix: now_unix(),
             from_volume: None,
+            blob: None,
         };
         atomic::write_json(&self.layout.layer_record(&plan.layer), &record)?;
         atomic::sync_dir(&self.layout.layers_dir())?;

@@ -1,0 +1,613 @@
+//! Caches between nodes through an OCI registry: pull a newer version before a restore (and in
+//! the background, prefetch), push a commit's layer before its lock and its manifest under it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{blocking, Engine, OpsError};
+use crate::registry::archive::{self, Limits};
+use crate::registry::client::ClientError;
+use crate::registry::{Blob, Registry, RemoteLayer, RemoteVersion};
+use crate::store::commit::{Advanced, NextHead, Promoted};
+use crate::store::head::Head;
+use crate::store::remote::{Adopted, Staged};
+use crate::store::{CacheKey, LayerId, VolumeRecord};
+
+/// The tag that names a cache's newest version.
+pub const HEAD_TAG: &str = "head";
+
+/// How this node uses a registry.
+#[derive(Clone)]
+pub struct RemoteConfig {
+    /// The client.
+    pub registry: Registry,
+    /// How long a restore waits to learn the registry's `head` before using the local version.
+    pub restore_timeout: Duration,
+    /// Versions kept tagged (`--registry-keep`).
+    pub keep: usize,
+    /// What a pulled layer may hold.
+    pub limits: Limits,
+    /// How often held caches are polled for new versions; `None`: no prefetch.
+    pub prefetch: Option<Duration>,
+}
+
+/// The registry, and what this node last learned of each cache's remote `head`.
+pub(crate) struct Remote {
+    pub(crate) config: RemoteConfig,
+    seen: Mutex<HashMap<CacheKey, Seen>>,
+}
+
+/// A remote `head` as last read.
+#[derive(Clone)]
+struct Seen {
+    digest: String,
+    version: u64,
+    lineage: String,
+    at: Instant,
+}
+
+impl Remote {
+    pub(crate) fn new(config: RemoteConfig) -> Self {
+        Remote { config, seen: Mutex::new(HashMap::new()) }
+    }
+
+    fn seen(&self, key: &CacheKey) -> Option<Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
+    }
+
+    fn saw(&self, key: &CacheKey, digest: &str, v: &RemoteVersion) {
+        let seen = Seen { digest: digest.to_string(), version: v.version, lineage: v.lineage.clone(), at: Instant::now() };
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), seen);
+    }
+}
+
+/// What a sync with the registry found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Synced {
+    /// The registry has no version of the cache.
+    NoRemote,
+    /// This node's version is the registry's (or newer).
+    Current(u64),
+    /// The registry's version was pulled and is now this node's HEAD.
+    Pulled {
+        /// The version.
+        version: u64,
+        /// Layers downloaded.
+        layers: usize,
+        /// Compressed bytes downloaded.
+        bytes: u64,
+    },
+}
+
+/// Why the registry side of a publish or a pull failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// A registry call failed.
+    #[error(transparent)]
+    Registry(#[from] ClientError),
+    /// A layer could not be written as a blob.
+    #[error("layer {layer}: {source}")]
+    Export { layer: LayerId, source: archive::ArchiveError },
+    /// A pulled layer could not be unpacked.
+    #[error("layer {layer} ({digest}): {source}")]
+    Import { layer: LayerId, digest: String, source: archive::ArchiveError },
+    /// A layer of the new version has no blob: it was never pushed.
+    #[error("layer {0} has not been pushed")]
+    NotPushed(LayerId),
+    /// `cache push` of a version the registry already has a newer one of (or another lifetime).
+    #[error("the registry's head is v{remote} (lineage {lineage}), not behind this node's v{local}: pull it instead")]
+    RegistryAhead { remote: u64, lineage: String, local: u64 },
+    /// The command needs a registry.
+    #[error("no registry configured: give --registry")]
+    NoRegistry,
+}
+
+/// What `cache push` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pushed {
+    /// The registry already had this version.
+    Already(u64),
+    /// The registry's `head` is now this version.
+    Head { version: u64, digest: String },
+}
+
+impl Engine {
+    /// Uses `config`'s registry to share caches with other nodes.
+    pub fn with_registry(mut self, config: RemoteConfig) -> Self {
+        self.remote = Some(Arc::new(Remote::new(config)));
+        self
+    }
+
+    /// The registry, when one is configured.
+    pub fn registry(&self) -> Option<&Registry> {
+        self.remote.as_ref().map(|r| &r.config.registry)
+    }
+
+    /// Starts prefetch: every interval (jittered by up to a fifth either way, so nodes do not
+    /// poll in step) each cache this node holds is synced with the registry in the background.
+    pub fn spawn_prefetch(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let interval = self.remote.as_ref()?.config.prefetch?;
+        let this = self.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(jittered(interval)).await;
+                this.prefetch_once().await;
+            }
+        }))
+    }
+
+    /// One prefetch round over the caches this node holds; returns what each sync found.
+    pub async fn prefetch_once(&self) -> Vec<(CacheKey, Result<Synced, String>)> {
+        let this = self.clone();
+        let held = blocking(move || {
+            let mut held = Vec::new();
+            for key in this.store.caches()? {
+                if this.store.head(&key)?.is_some() {
+                    held.push(key);
+                }
+            }
+            Ok(held)
+        })
+        .await;
+        let held = match held {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "prefetch: cannot list caches");
+                return Vec::new();
+            }
+        };
+        let mut found = Vec::new();
+        for key in held {
+            let synced = self.sync_cache(&key).await.map_err(|e| e.to_string());
+            match &synced {
+                Ok(Synced::Pulled { version, layers, bytes }) => tracing::info!(cache.namespace = %key.namespace,
+                    cache.name = %key.name, version, layers, bytes, "prefetched a new version"),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(cache.namespace = %key.namespace, cache.name = %key.name, %error, "prefetch failed"),
+            }
+            found.push((key, synced));
+        }
+        found
+    }
+
+    /// The registry's `head` of `key` (version and manifest digest), for `cache ls|show`.
+    pub async fn remote_head(&self, key: &CacheKey) -> Result<Option<(RemoteVersion, String)>, OpsError> {
+        let Some(remote) = self.remote.clone() else { return Err(no_registry(key)) };
+        remote.config.registry.read_version(key, HEAD_TAG).await.map_err(|e| remote_err(key, e))
+    }
+
+    /// Puts this node's current version of `key` into the registry (`cache push`): its layers,
+    /// then under the cache's lock its manifest, unless the registry has it or a newer one.
+    pub async fn push_cache(&self, key: &CacheKey) -> Result<Pushed, OpsError> {
+        let Some(remote) = self.remote.clone() else { return Err(no_registry(key)) };
+        let (this, k) = (self.clone(), key.clone());
+        let local = blocking(move || this.store.head(&k)?.ok_or(crate::store::StoreError::NoVersion(k).into())).await?;
+        let mut layers = Vec::new();
+        for id in &local.layers {
+            let blob = self.push_layer(&remote, key, id, &[]).await?;
+            layers.push(RemoteLayer { id: id.clone(), blob });
+        }
+        let guard = self
+            .lock
+            .acquire(key, self.lock_timeout)
+            .await
+            .map_err(|source| OpsError::CacheLock { cache: key.clone(), source })?;
+        let put = async {
+            let registry = &remote.config.registry;
+            if let Some((current, _)) = registry.read_version(key, HEAD_TAG).await.map_err(|e| remote_err(key, e))? {
+                if current.lineage == local.lineage && current.version == local.version {
+                    return Ok(Pushed::Already(local.version));
+                }
+                if current.lineage != local.lineage || current.version > local.version {
+                    return Err(OpsError::Remote {
+                        cache: key.clone(),
+                        source: RemoteError::RegistryAhead {
+                            remote: current.version,
+                            lineage: current.lineage,
+                            local: local.version,
+                        },
+                    });
+                }
+            }
+            let version = RemoteVersion { version: local.version, lineage: local.lineage.clone(), layers };
+            let tags = [format!("v{}", local.version), HEAD_TAG.to_string()];
+            let digest = registry.put_version(key, &version, &tags).await.map_err(|e| remote_err(key, e))?;
+            remote.saw(key, &digest, &version);
+            Ok(Pushed::Head { version: local.version, digest })
+        }
+        .await;
+        if let Err(e) = guard.release().await {
+            tracing::warn!(error = %e, "could not release the cache's lock after a push; it will expire");
+        }
+        put
+    }
+
+    /// Brings this node's HEAD of `key` up to the registry's `head`, pulling missing layers.
+    pub async fn sync_cache(&self, key: &CacheKey) -> Result<Synced, OpsError> {
+        let Some(remote) = self.remote.clone() else { return Err(no_registry(key)) };
+        let registry = &remote.config.registry;
+        let local = {
+            let (this, key) = (self.clone(), key.clone());
+            blocking(move || Ok(this.store.head(&key)?)).await?
+        };
+        // A conditional poll: the manifest is read only when its digest is not the one seen.
+        let digest = registry.tag_digest(key, HEAD_TAG).await.map_err(|e| remote_err(key, e))?;
+        let Some(digest) = digest else { return Ok(Synced::NoRemote) };
+        if let (Some(seen), Some(local)) = (remote.seen(key), &local) {
+            if seen.digest == digest && is_current(local, seen.version, &seen.lineage) {
+                return Ok(Synced::Current(local.version));
+            }
+        }
+        let Some((version, digest)) = registry.read_version(key, HEAD_TAG).await.map_err(|e| remote_err(key, e))?
+        else {
+            return Ok(Synced::NoRemote);
+        };
+        remote.saw(key, &digest, &version);
+        if let Some(local) = &local {
+            if is_current(local, version.version, &version.lineage) {
+                return Ok(Synced::Current(local.version));
+            }
+        }
+        self.pull_version(key, &version, &digest).await
+    }
+
+    /// Pulls the layers of `version` this node lacks (in parallel, each streamed through zstd
+    /// and tar into scratch space) and makes it HEAD.
+    async fn pull_version(&self, key: &CacheKey, version: &RemoteVersion, digest: &str) -> Result<Synced, OpsError> {
+        let Some(remote) = self.remote.clone() else { return Ok(Synced::NoRemote) };
+        let started = Instant::now();
+        let (this, k, v) = (self.clone(), key.clone(), version.clone());
+        // Held until the pulled layers are named by HEAD: gc sweeps scratch space otherwise.
+        let (pin, missing) = blocking(move || {
+            let pin = this.store.state_lock(false)?;
+            Ok((pin, this.store.missing_layers(&k, &v)?))
+        })
+        .await?;
+        let pulls = missing.iter().map(|layer| self.pull_layer(&remote, key, layer));
+        let results = futures_util::future::join_all(pulls).await;
+        let mut staged = Vec::new();
+        let mut failed = None;
+        for result in results {
+            match result {
+                Ok(s) => staged.push(s),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(err) = failed {
+            let dirs: Vec<_> = staged.iter().map(|s| s.dir.clone()).collect();
+            blocking(move || {
+                for dir in dirs {
+                    let _ = crate::store::tree::remove_tree(&dir);
+                }
+                Ok(())
+            })
+            .await?;
+            return Err(err);
+        }
+        let bytes = staged.iter().map(|s| s.blob.size).sum();
+        let layers = staged.len();
+        let (this, k, v, d) = (self.clone(), key.clone(), version.clone(), digest.to_string());
+        let adopted = blocking(move || {
+            let adopted = this.store.adopt_remote(&k, &v, &d, staged);
+            drop(pin);
+            Ok(adopted?)
+        })
+        .await?;
+        tracing::info!(cache.namespace = %key.namespace, cache.name = %key.name, remote.version = version.version,
+            layers, bytes, took_ms = started.elapsed().as_millis() as u64, outcome = ?adopted, "pulled");
+        Ok(match adopted {
+            Adopted::Head(version) => Synced::Pulled { version, layers, bytes },
+            Adopted::Kept(version) => Synced::Current(version),
+        })
+    }
+
+    async fn pull_layer(&self, remote: &Remote, key: &CacheKey, layer: &RemoteLayer) -> Result<Staged, OpsError> {
+        let reader = remote.config.registry.open_blob(key, &layer.blob).await.map_err(|e| remote_err(key, e))?;
+        let (this, layer, limits, key) = (self.clone(), layer.clone(), remote.config.limits.clone(), key.clone());
+        blocking(move || {
+            let dir = this.store.scratch_path(&format!("pull-{}", layer.id));
+            let imported = archive::import_layer(reader, &dir, &limits).map_err(|source| OpsError::Remote {
+                cache: key.clone(),
+                source: RemoteError::Import { layer: layer.id.clone(), digest: layer.blob.digest.clone(), source },
+            })?;
+            Ok(Staged { id: layer.id, dir, blob: layer.blob, bytes: imported.bytes, files: imported.files })
+        })
+        .await
+    }
+
+    /// Before a new volume pins a version: the registry's newer one of its cache (or, while the
+    /// cache has none anywhere, of its fallbacks). Nothing for content that is not HEAD's.
+    pub(crate) fn sync_for(&self, req: &crate::store::NewVolume) {
+        if self.remote.is_none() || req.content.is_some() || req.policy.fresh {
+            return;
+        }
+        self.sync_before_restore(&req.cache);
+        for fallback in &req.fallbacks {
+            if !matches!(self.store.head(&req.cache), Ok(None)) {
+                break;
+            }
+            self.sync_before_restore(fallback);
+        }
+    }
+
+    /// Before a restore: the registry's newer version when it answers in time, else this
+    /// node's (said in the log). Asks nothing when prefetch saw the local version is current.
+    fn sync_before_restore(&self, key: &CacheKey) {
+        let Some(remote) = self.remote.clone() else { return };
+        let local = match self.store.head(key) {
+            Ok(local) => local,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read HEAD before asking the registry");
+                return;
+            }
+        };
+        if let (Some(interval), Some(seen), Some(local)) = (remote.config.prefetch, remote.seen(key), &local) {
+            if seen.at.elapsed() < interval && is_current(local, seen.version, &seen.lineage) {
+                return;
+            }
+        }
+        let handle = tokio::runtime::Handle::current();
+        let this = self.clone();
+        let k = key.clone();
+        // The head is asked with the short timeout; a pull once begun is waited for (its reads
+        // time out on their own when the registry stalls).
+        let asked = handle.block_on(async move {
+            let head = tokio::time::timeout(
+                remote.config.restore_timeout,
+                remote.config.registry.read_version(&k, HEAD_TAG),
+            )
+            .await;
+            match head {
+                Err(_) => Err(format!("no answer within {:?}", remote.config.restore_timeout)),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok(None)) => Ok(Synced::NoRemote),
+                Ok(Ok(Some((version, digest)))) => {
+                    remote.saw(&k, &digest, &version);
+                    match this.store.head(&k) {
+                        Ok(Some(local)) if is_current(&local, version.version, &version.lineage) => {
+                            Ok(Synced::Current(local.version))
+                        }
+                        _ => this.pull_version(&k, &version, &digest).await.map_err(|e| e.to_string()),
+                    }
+                }
+            }
+        });
+        let local_version = local.as_ref().map_or(Head::NONE, |h| h.version);
+        match asked {
+            Ok(synced) => tracing::debug!(outcome = ?synced, "registry checked before restore"),
+            Err(error) => tracing::warn!(cache.namespace = %key.namespace, cache.name = %key.name,
+                local.version = local_version, %error,
+                "registry not usable before restore; restoring this node's newest version"),
+        }
+    }
+
+    /// Before the commit's lock: the new layer's blob (and, when the registry lacks this
+    /// node's base, the base's) is pushed. Content-addressed, so no lock is needed.
+    pub(crate) async fn push_layers(&self, record: &VolumeRecord, promoted: &Promoted) -> Result<(), OpsError> {
+        let Some(remote) = self.remote.clone() else { return Ok(()) };
+        let key = &record.cache;
+        let registry = &remote.config.registry;
+        let peek = registry.read_version(key, HEAD_TAG).await.map_err(|e| remote_err(key, e))?;
+        let (this, k) = (self.clone(), key.clone());
+        let local = blocking(move || Ok(this.store.head(&k)?)).await?;
+        let mut layers = vec![promoted.layer.clone()];
+        let registry_has_base = peek.as_ref().is_some_and(|(v, _)| {
+            v.lineage == record.base.lineage && v.version >= record.base.version && record.base.version != Head::NONE
+        });
+        if !registry_has_base || record.base.content.is_some() {
+            layers.extend(record.base.layers.iter().cloned());
+            layers.extend(local.iter().flat_map(|h| h.layers.iter().cloned()));
+        }
+        layers.dedup();
+        let also_in: Vec<CacheKey> = if record.base.from != record.cache { vec![record.base.from.clone()] } else { vec![] };
+        for layer in layers {
+            self.push_layer(&remote, key, &layer, &also_in).await?;
+        }
+        Ok(())
+    }
+
+    /// Pushes one layer's blob, writing it first when this node never did.
+    async fn push_layer(&self, remote: &Remote, key: &CacheKey, layer: &LayerId, also_in: &[CacheKey]) -> Result<Blob, OpsError> {
+        let registry = &remote.config.registry;
+        let (this, id) = (self.clone(), layer.clone());
+        let recorded = blocking(move || Ok(this.store.layer(&id)?.and_then(|r| r.blob))).await?;
+        if let Some(blob) = &recorded {
+            // Pushed or pulled before: present in this repository or mountable from another.
+            let missing = this_path_missing(self);
+            match registry.push_blob(key, &missing, blob, also_in).await {
+                Ok(_) => return Ok(blob.clone()),
+                Err(e) if e.is_transient() => return Err(remote_err(key, e)),
+                Err(_) => {}
+            }
+        }
+        let (this, id, k) = (self.clone(), layer.clone(), key.clone());
+        let (path, blob) = blocking(move || {
+            let path = this.store.scratch_path(&format!("push-{id}"));
+            let dir = this.store.layout().layer_dir(&id);
+            let exported = archive::export_layer(&dir, &path).map_err(|source| {
+                let _ = std::fs::remove_file(&path);
+                OpsError::Remote { cache: k.clone(), source: RemoteError::Export { layer: id.clone(), source } }
+            })?;
+            this.store.set_layer_blob(&id, &exported.blob)?;
+            Ok((path, exported.blob))
+        })
+        .await?;
+        let pushed = registry.push_blob(key, &path, &blob, also_in).await;
+        let _ = tokio::fs::remove_file(&path).await;
+        let how = pushed.map_err(|e| remote_err(key, e))?;
+        tracing::info!(layer.id = %layer, blob.digest = %blob.digest, blob.size = blob.size, how = ?how, "layer pushed");
+        Ok(blob)
+    }
+
+    /// Under the cache's lock: compares the registry's `head` with the volume's base, puts the
+    /// new version's manifest and moves `head`, then writes this node's HEAD.
+    pub(crate) async fn advance_remote(&self, record: &VolumeRecord, promoted: &Promoted) -> Result<Advanced, OpsError> {
+        let Some(remote) = self.remote.clone() else {
+            let (this, rec, pro) = (self.clone(), record.clone(), promoted.clone());
+            return blocking(move || Ok(this.store.advance_head(&rec, &pro)?)).await;
+        };
+        let key = &record.cache;
+        let registry = &remote.config.registry;
+        let current = registry.read_version(key, HEAD_TAG).await.map_err(|e| remote_err(key, e))?.map(|(v, _)| v);
+        let (this, rec, pro) = (self.clone(), record.clone(), promoted.clone());
+        let (local, next) = blocking(move || Ok((this.store.head(&rec.cache)?, this.store.next_head(&rec, &pro)?))).await?;
+        let (number, lineage, ids, write_local) = match plan(record, local.as_ref(), current.as_ref(), &next) {
+            Step::Done(advanced) => return Ok(advanced),
+            Step::Push { version, lineage, layers, write_local } => (version, lineage, layers, write_local),
+        };
+        let mut layers = Vec::new();
+        for id in &ids {
+            layers.push(self.remote_layer(key, current.as_ref(), id).await?);
+        }
+        let manifest = RemoteVersion { version: number, lineage, layers };
+        let tags = [format!("v{number}"), HEAD_TAG.to_string()];
+        let digest = registry.put_version(key, &manifest, &tags).await.map_err(|e| remote_err(key, e))?;
+        remote.saw(key, &digest, &manifest);
+        tracing::info!(remote.version = number, manifest.digest = %digest, "registry head moved");
+        let (this, rec) = (self.clone(), record.clone());
+        let advanced = blocking(move || {
+            let NextHead::Write(head) = next else {
+                return Ok(Advanced::Committed { version: manifest.version, depth: manifest.layers.len() });
+            };
+            if !write_local {
+                // Stacked on another node's version: this node takes it once it holds its layers.
+                let adopted = this.store.adopt_remote(&rec.cache, &manifest, &digest, Vec::new());
+                tracing::debug!(outcome = ?adopted.map_err(|e| e.to_string()), "stacked version taken locally");
+                return Ok(Advanced::Committed { version: manifest.version, depth: manifest.layers.len() });
+            }
+            let _pin = this.store.state_lock(false)?;
+            let _heads = this.store.head_lock(&rec.cache)?;
+            Ok(this.store.write_next_head(&rec, &head)?)
+        })
+        .await?;
+        self.forget_old_versions(key, number);
+        Ok(advanced)
+    }
+
+    /// The registry layer for a layer id of the new version: the registry's own descriptor when
+    /// its `head` has that layer, else the blob this node pushed.
+    async fn remote_layer(
+        &self,
+        key: &CacheKey,
+        current: Option<&RemoteVersion>,
+        id: &LayerId,
+    ) -> Result<RemoteLayer, OpsError> {
+        if let Some(layer) = current.and_then(|c| c.layers.iter().find(|l| &l.id == id)) {
+            return Ok(layer.clone());
+        }
+        let (this, lid) = (self.clone(), id.clone());
+        let blob = blocking(move || Ok(this.store.layer(&lid)?.and_then(|r| r.blob))).await?;
+        match blob {
+            Some(blob) => Ok(RemoteLayer { id: id.clone(), blob }),
+            None => Err(OpsError::Remote { cache: key.clone(), source: RemoteError::NotPushed(id.clone()) }),
+        }
+    }
+
+    /// Untags versions older than the retention, in the background: the publish is done.
+    fn forget_old_versions(&self, key: &CacheKey, newest: u64) {
+        let Some(remote) = self.remote.clone() else { return };
+        let key = key.clone();
+        tokio::spawn(async move {
+            let registry = &remote.config.registry;
+            let keep = remote.config.keep.max(1) as u64;
+            let tags = match registry.tags(&key).await {
+                Ok(tags) => tags,
+                Err(e) => return tracing::debug!(error = %e, "could not list tags for retention"),
+            };
+            for tag in tags {
+                let Some(n) = tag.strip_prefix('v').and_then(|n| n.parse::<u64>().ok()) else { continue };
+                if n + keep <= newest {
+                    if let Err(e) = registry.delete_tag(&key, &tag).await {
+                        tracing::warn!(tag, error = %e, "could not untag an old version");
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn this_path_missing(engine: &Engine) -> std::path::PathBuf {
+    engine.store.scratch_path("absent")
+}
+
+/// `interval` scaled by a random factor in [0.8, 1.2).
+fn jittered(interval: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let r = if getrandom::fill(&mut byte).is_ok() { byte[0] } else { 128 };
+    interval.mul_f64(0.8 + 0.4 * f64::from(r) / 256.0)
+}
+
+fn no_registry(key: &CacheKey) -> OpsError {
+    OpsError::Remote { cache: key.clone(), source: RemoteError::NoRegistry }
+}
+
+fn remote_err(key: &CacheKey, source: ClientError) -> OpsError {
+    OpsError::Remote { cache: key.clone(), source: RemoteError::Registry(source) }
+}
+
+/// Whether this node's HEAD already is (or is newer than) a remote version.
+fn is_current(local: &Head, version: u64, lineage: &str) -> bool {
+    local.lineage == lineage && local.version >= version
+}
+
+/// What the registry side of a commit does.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Nothing to put: done already, or stale.
+    Done(Advanced),
+    /// Put version `version` of these layers; `write_local`: this node's HEAD becomes the
+    /// plan's (else the version stacks on another node's, which this node takes when it can).
+    Push { version: u64, lineage: String, layers: Vec<LayerId>, write_local: bool },
+}
+
+/// Decides the commit against the registry's `head` (`current`) when it is ahead of this
+/// node, and against this node's HEAD (the plan `next`) when the registry has nothing newer.
+fn plan(record: &VolumeRecord, local: Option<&Head>, current: Option<&RemoteVersion>, next: &NextHead) -> Step {
+    let head = match next {
+        // A retry after this node's HEAD was written: the manifest went up before it.
+        NextHead::Decided(done @ Advanced::Committed { .. }) => return Step::Done(done.clone()),
+        NextHead::Decided(stale) => Err(stale),
+        NextHead::Write(head) => Ok(head),
+    };
+    let ahead = match (current, local) {
+        (None, _) => None,
+        (Some(c), None) => Some(c),
+        (Some(c), Some(l)) => (c.lineage != l.lineage || c.version > l.version).then_some(c),
+    };
+    let Some(current) = ahead else {
+        return match head {
+            Err(stale) => Step::Done(stale.clone()),
+            Ok(head) => {
+                let same = current.zip(local).is_some_and(|(c, l)| c.version == l.version && c.lineage == l.lineage);
+                let on_local = local.is_some_and(|l| {
+                    head.layers.len() == l.layers.len() + 1 && head.layers.starts_with(&l.layers)
+                });
+                // The registry's layers hold the same content as this node's (maybe squashed
+                // here since): the manifest keeps the registry's.
+                let layers = match current {
+                    Some(c) if same && on_local => {
+                        c.layers.iter().map(|l| l.id.clone()).chain(head.layers.last().cloned()).collect()
+                    }
+                    _ => head.layers.clone(),
+                };
+                Step::Push { version: head.version, lineage: head.lineage.clone(), layers, write_local: true }
+            }
+        };
+    };
+    let base = record.base.version;
+    let other_lifetime = base != Head::NONE && current.lineage != record.base.lineage;
+    let stack = record.policy.on_stale == crate::store::OnStale::Stack
+        && !record.policy.fresh
+        && !other_lifetime
+        && record.base.content.is_none();
+    match head {
+        Ok(head) if stack => Step::Push {
+            version: current.version + 1,
+            lineage: current.lineage.clone(),
+            layers: current.layers.iter().map(|l| l.id.clone()).chain(head.layers.last().cloned()).collect(),
+            write_local: false,
+        },
+        _ => Step::Done(Advanced::Stale { base, current: current.version, other_lifetime }),
+    }
+}
