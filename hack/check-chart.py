@@ -8,8 +8,9 @@ the size limits in TEST_SET), parses every document with PyYAML and checks what 
 deployment depends on: the CSIDriver, the node DaemonSet (containers, arguments, mounts
 and their propagation, the host's /dev for loop devices), RBAC verbs,
 StorageClasses, the driver's config, the metrics Service, ServiceMonitor and
-dashboard ConfigMap, storage capacity tracking, and the csi-snapshotter sidecar with its
-VolumeSnapshotClass. It also checks the Grafana dashboard's PromQL against the metrics
+dashboard ConfigMap, storage capacity tracking, the csi-snapshotter sidecar with its
+VolumeSnapshotClass, and caches shared through a registry (the driver's --registry flags,
+its credentials Secret and CA ConfigMap mounted where the flags point). It also checks the Grafana dashboard's PromQL against the metrics
 the driver exports, and examples/*.yaml. Each check
 prints one line, `ok - ...` or `not ok - ...`; the last line is `N passed, M failed`,
 and the exit status is non-zero if any check failed. No cluster is needed.
@@ -48,6 +49,21 @@ TEST_VALUES = ROOT / "hack" / "chart-values-test.yaml"
 # The size limits, layered on the test values the way a user would set them; TEST_WANT
 # expects them.
 TEST_SET = ["--set", "defaultCacheSize=50Gi", "--set", "storageClasses.jobcache-pr.parameters.cacheSize=10Gi"]
+# Caches shared through a registry: everything set, the way the values.yaml comments say.
+REGISTRY_URL = "reg.example:5000/caches"
+# A CA bundle of two certificates (not real ones: the chart only carries the text).
+REGISTRY_PEM = (
+    "-----BEGIN CERTIFICATE-----\n"
+    "MIIBdzCCAR2gAwIBAgIUTestOnlyNotARealCertificateAAAwCgYIKoZIzj0EAwIw\n"
+    "FDESMBAGA1UEAwwJdGVzdC1jYS0xMB4XDTI1MDEwMTAwMDAwMFoXDTM1MDEwMTAw==\n"
+    "-----END CERTIFICATE-----\n"
+    "-----BEGIN CERTIFICATE-----\n"
+    "MIIBeDCCAR6gAwIBAgIUAnotherTestOnlyCertificateBBBwCgYIKoZIzj0EAwIw=\n"
+    "-----END CERTIFICATE-----\n"
+)
+REGISTRY_SET = ["--set", f"registry.url={REGISTRY_URL}", "--set", "lock=lease",
+                "--set", "registry.existingSecret=regcred", "--set", f"registry.caBundle={REGISTRY_PEM}",
+                "--set", "registry.insecure=true"]
 EXAMPLES = ROOT / "examples"
 DASHBOARD = CHART / "dashboards" / "jobcachefs.json"
 RELEASE = "jc"
@@ -413,6 +429,7 @@ def check_rendered(r: Report, docs: list[dict], want: dict, label: str) -> None:
             f"{t} only the driver container is privileged")
     check_capacity(r, docs, prov, want["capacity"], label)
     check_snapshots(r, docs, want["snapshots"], label)
+    check_registry(r, docs, want["registry"], label)
 
     # Scheduling.
     r.equal(pod.get("tolerations"), want["tolerations"], f"{t} tolerations are {want['tolerations']}")
@@ -578,6 +595,114 @@ def check_snapshots(r: Report, docs: list[dict], want: dict | None, label: str) 
         default = vsc["metadata"].get("annotations", {}).get("snapshot.storage.kubernetes.io/is-default-class")
         r.equal(default, "true" if want["isDefault"] else None,
                 f"{t} VolumeSnapshotClass is{'' if want['isDefault'] else ' not'} the default class")
+
+
+def check_registry(r: Report, docs: list[dict], want: dict | None, label: str) -> None:
+    """Caches shared through a registry: the driver's flags, and the files they name.
+
+    `want` is None when registry.url is empty, else {url, secret (None or the Secret's
+    name), pem (None or the CA bundle's text), insecure, keep, timeout, prefetch,
+    prefetchInterval (None when prefetch is off)}. A file flag must name a file that a
+    read-only mount of the driver projects from that Secret or ConfigMap.
+    """
+    t = f"[{label}]"
+    fullname = f"{RELEASE}-jobcachefs"
+    ca_map_name = f"{fullname}-registry-ca"
+    ds = by_kind(docs, "DaemonSet").get(f"{fullname}-node")
+    if not r.check(ds is not None, f"{t} DaemonSet {fullname}-node is rendered"):
+        return
+    cs = containers(ds)
+    drv_c = cs.get("jobcachefs", {})
+    args = drv_c.get("args", [])
+    serve_at = args.index("serve") if "serve" in args else len(args)
+    every = flags(args)
+    got = {k: v for k, v in every.items() if k.startswith("registry") or k.startswith("prefetch")}
+    vols = volumes(ds)
+    secret_vols = {n: v for n, v in vols.items() if "secret" in v}
+    ca_maps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == ca_map_name]
+    annotations = ds["spec"]["template"]["metadata"].get("annotations", {})
+    if want is None:
+        r.check(not got, f"{t} registry off: driver has no --registry or --prefetch flags", got)
+        r.check(not secret_vols and not {"registry-auth", "registry-ca"} & set(vols),
+                f"{t} registry off: no registry-auth or registry-ca volume, no Secret volume", sorted(vols))
+        r.check(not ca_maps and "checksum/registry-ca" not in annotations,
+                f"{t} registry off: no ConfigMap {ca_map_name}, no checksum/registry-ca")
+        return
+
+    expected = {"registry": want["url"], "registry-keep": want["keep"], "registry-timeout": want["timeout"],
+                "prefetch": want["prefetch"]}
+    if want["secret"]:
+        expected["registry-auth"] = got.get("registry-auth")
+    if want["pem"]:
+        expected["registry-ca"] = got.get("registry-ca")
+    if want["insecure"]:
+        expected["registry-insecure"] = True
+    if want["prefetchInterval"]:
+        expected["prefetch-interval"] = want["prefetchInterval"]
+    r.equal(got, expected, f"{t} driver has exactly the registry flags {sorted(expected)}")
+    for k in ("registry-auth", "registry-ca"):
+        if k in expected:
+            r.check(isinstance(got.get(k), str) and got[k].startswith("/"), f"{t} --{k} names a file by its path",
+                    got.get(k))
+    serve_only = [a for a in args[:serve_at] if a.startswith("--prefetch")]
+    r.check(not serve_only and flags(args[serve_at + 1:]).get("prefetch") == want["prefetch"],
+            f"{t} --prefetch flags (serve's own) come after serve", args)
+
+    dm = mounts(drv_c)
+
+    def projected(path: str, source: str) -> tuple[dict, dict, str] | None:
+        """The driver mount under which `path` lies (the deepest), its volume, and the path inside it."""
+        under = [m for m in dm.values() if path.startswith(m.get("mountPath", "").rstrip("/") + "/")]
+        if not under:
+            return None
+        m = max(under, key=lambda m: len(m["mountPath"]))
+        v = vols.get(m["name"], {})
+        return (m, v, path[len(m["mountPath"].rstrip("/")) + 1:]) if source in v else None
+
+    def key_at(vol: dict, rel: str) -> str | None:
+        """The key of the Secret or ConfigMap that the volume projects at `rel`."""
+        items = vol.get("items")
+        if items is None:
+            return rel
+        return next((i["key"] for i in items if i.get("path") == rel), None)
+
+    # Credentials: a kubernetes.io/dockerconfigjson Secret's .dockerconfigjson.
+    if want["secret"] is None:
+        r.check(not secret_vols, f"{t} no registry.existingSecret: no Secret volume", sorted(secret_vols))
+    else:
+        found = projected(str(got.get("registry-auth")), "secret")
+        if r.check(found is not None, f"{t} --registry-auth lies under a driver mount of a Secret volume",
+                   got.get("registry-auth")):
+            m, vol, rel = found
+            r.equal(vol["secret"].get("secretName"), want["secret"], f"{t} that volume is the Secret {want['secret']}")
+            r.equal(key_at(vol["secret"], rel), ".dockerconfigjson",
+                    f"{t} --registry-auth is the Secret's .dockerconfigjson, projected at {rel}")
+            r.equal(m.get("readOnly"), True, f"{t} the driver mounts the Secret read-only at {m['mountPath']}")
+            r.check(vol["secret"].get("optional") is not True,
+                    f"{t} the Secret is not optional (a missing one stops the pod, not the restores)")
+
+    # CAs: the chart's own ConfigMap, holding registry.caBundle.
+    if want["pem"] is None:
+        r.check(not ca_maps and "checksum/registry-ca" not in annotations and "registry-ca" not in vols,
+                f"{t} no registry.caBundle: no ConfigMap {ca_map_name}, volume or checksum")
+    else:
+        found = projected(str(got.get("registry-ca")), "configMap")
+        if r.check(found is not None, f"{t} --registry-ca lies under a driver mount of a ConfigMap volume",
+                   got.get("registry-ca")):
+            m, vol, rel = found
+            r.equal(vol["configMap"].get("name"), ca_map_name, f"{t} that volume is the ConfigMap {ca_map_name}")
+            r.equal(m.get("readOnly"), True, f"{t} the driver mounts the CA ConfigMap read-only at {m['mountPath']}")
+            key = key_at(vol["configMap"], rel)
+            if r.check(len(ca_maps) == 1 and ca_maps[0]["metadata"].get("namespace") == NAMESPACE,
+                       f"{t} ConfigMap {ca_map_name} is rendered in the release namespace"):
+                r.equal(ca_maps[0].get("data", {}).get(key), want["pem"],
+                        f"{t} --registry-ca is the ConfigMap's {key}, holding registry.caBundle as given")
+        r.check(len(annotations.get("checksum/registry-ca", "")) == 64,
+                f"{t} pods roll when registry.caBundle changes (checksum/registry-ca)")
+    registry_vols = {n for n, v in vols.items() if "secret" in v
+                     or v.get("configMap", {}).get("name") == ca_map_name}
+    r.check(all(m["name"] not in registry_vols for n, c in cs.items() if n != "jobcachefs"
+                for m in c.get("volumeMounts", [])), f"{t} only the driver container mounts the registry's files")
 
 
 def check_metrics(r: Report, docs: list[dict], want: dict | None, label: str) -> None:
@@ -764,6 +889,7 @@ DEFAULT_WANT = {
     "defaultCacheSize": None,
     "capacity": {"pollInterval": "1m"},
     "snapshots": None,
+    "registry": None,
 }
 
 TEST_WANT = {
@@ -798,6 +924,16 @@ TEST_WANT = {
     "defaultCacheSize": "50Gi",
     "capacity": {"pollInterval": "30s"},
     "snapshots": {"className": "ci-cache-snapshots", "isDefault": True, "workerThreads": "3", "timeout": "90s"},
+    "registry": None,
+}
+
+# The default values with REGISTRY_SET: what a registry changes, and nothing else.
+REGISTRY_WANT = {
+    **DEFAULT_WANT,
+    "lock": "lease",
+    "driverRules": {**DRIVER_RULES, **LEASE_RULE},
+    "registry": {"url": REGISTRY_URL, "secret": "regcred", "pem": REGISTRY_PEM, "insecure": True, "keep": "5",
+                 "timeout": "3s", "prefetch": "true", "prefetchInterval": "30s"},
 }
 
 
@@ -979,7 +1115,8 @@ def main() -> int:
         return r.summary()
 
     # Lint with both value sets; --strict turns warnings into failures.
-    for label, extra in [("default values", []), ("test values", ["-f", str(TEST_VALUES), *TEST_SET])]:
+    for label, extra in [("default values", []), ("test values", ["-f", str(TEST_VALUES), *TEST_SET]),
+                         ("registry values", REGISTRY_SET)]:
         p = run(helm, "lint", "--strict", str(CHART), *extra)
         if opts.verbose:
             print(p.stdout + p.stderr, file=sys.stderr)
@@ -992,6 +1129,20 @@ def main() -> int:
     if r.check(bool(test_docs), f"helm template with {TEST_VALUES.relative_to(ROOT)} and {' '.join(TEST_SET[1::2])}",
                err):
         check_rendered(r, test_docs, TEST_WANT, "test")
+
+    # Caches shared through a registry: everything set, then the least, then no url at all.
+    docs, err = render(helm, *REGISTRY_SET)
+    if r.check(bool(docs), "helm template with registry.url, existingSecret, caBundle and insecure", err):
+        check_rendered(r, docs, REGISTRY_WANT, "registry")
+    docs, err = render(helm, "--set", f"registry.url={REGISTRY_URL}", "--set", "lock=lease",
+                       "--set", "registry.prefetch=false", "--set", "registry.keep=9", "--set", "registry.timeout=10s")
+    if r.check(bool(docs), "helm template with registry.url only, prefetch off", err):
+        check_registry(r, docs, {"url": REGISTRY_URL, "secret": None, "pem": None, "insecure": False, "keep": "9",
+                                 "timeout": "10s", "prefetch": "false", "prefetchInterval": None}, "registry-anon")
+    docs, err = render(helm, "--set", "registry.existingSecret=regcred", "--set", f"registry.caBundle={REGISTRY_PEM}",
+                       "--set", "registry.insecure=true")
+    if r.check(bool(docs), "helm template with registry values but no registry.url", err):
+        check_registry(r, docs, None, "registry-no-url")
 
     # A shared PVC instead of a host path.
     docs, err = render(helm, "--set", "sharedDir.existingClaim=jobcache-shared", "--set", "lock=lease")
@@ -1044,8 +1195,19 @@ def main() -> int:
                 "[dashboard-only] a ConfigMap labelled grafana_dashboard=1 holds dashboards/jobcachefs.json")
 
     # Values the chart must refuse.
+    registry = ["--set", f"registry.url={REGISTRY_URL}"]
     for what, extra, needle in [
         ("lock=bogus", ["--set", "lock=bogus"], "lock"),
+        ("registry.url with lock=file", [*registry, "--set", "lock=file"], ("registry.url", "lock")),
+        ("registry.url with sharedDir.hostPath", [*registry, "--set", "lock=lease", "--set", "sharedDir.hostPath=/a"],
+         ("registry.url", "sharedDir")),
+        ("registry.url with sharedDir.existingClaim",
+         [*registry, "--set", "lock=lease", "--set", "sharedDir.existingClaim=b"], ("registry.url", "sharedDir")),
+        ("a registry.url with a scheme", ["--set", "registry.url=https://reg.example/caches", "--set", "lock=lease"],
+         "url"),
+        ("a registry.caBundle that is no PEM", [*registry, "--set", "lock=lease", "--set", "registry.caBundle=TFMwdExT"],
+         "caBundle"),
+        ("a misspelt registry key", ["--set", "registry.existingsecret=regcred"], "existingsecret"),
         ("both sharedDir kinds", ["--set", "sharedDir.hostPath=/a", "--set", "sharedDir.existingClaim=b"],
          "sharedDir"),
         ("an unknown StorageClass parameter", ["--set", "storageClasses.jobcache.parameters.cachename=x"],
@@ -1065,7 +1227,8 @@ def main() -> int:
                                             "--set", "snapshots.volumeSnapshotClass.name=Bad_Name"], "name"),
     ]:
         docs, err = render(helm, *extra)
-        r.check(not docs and needle in err, f"helm template refuses {what}", err or "rendered")
+        needles = (needle,) if isinstance(needle, str) else needle
+        r.check(not docs and all(n in err for n in needles), f"helm template refuses {what}", err or "rendered")
 
     check_dashboard(r)
     check_examples(r)

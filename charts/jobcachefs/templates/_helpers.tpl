@@ -85,6 +85,27 @@ jobcachefs.dev
 {{- .Values.lock }}
 {{- end }}
 
+{{/* "true" when caches are shared through a registry (registry.url), else empty; checked
+against lock, sharedDir and the CA bundle. */}}
+{{- define "jobcachefs.registry" -}}
+{{- $r := .Values.registry | default dict }}
+{{- if $r.url }}
+{{- if contains "://" (toString $r.url) }}
+{{- fail (printf "registry.url is REGISTRY/PREFIX without a scheme, not %q (registry.insecure=true for plain HTTP)" (toString $r.url)) }}
+{{- end }}
+{{- if include "jobcachefs.sharedEnabled" . }}
+{{- fail "registry.url and sharedDir (hostPath or existingClaim) are two ways to share caches: set one" }}
+{{- end }}
+{{- if ne (include "jobcachefs.lock" .) "lease" }}
+{{- fail (printf "registry.url needs lock: lease, not %q: nodes that share caches through a registry must never publish one cache at once" (include "jobcachefs.lock" .)) }}
+{{- end }}
+{{- if and $r.caBundle (not (contains "-----BEGIN CERTIFICATE-----" (toString $r.caBundle))) }}
+{{- fail "registry.caBundle must be PEM text (-----BEGIN CERTIFICATE-----...), not base64 or a file name: --set-file registry.caBundle=ca.pem" }}
+{{- end }}
+{{- true }}
+{{- end }}
+{{- end }}
+
 {{/* The driver's metrics port when metrics are enabled, else empty; checked against healthPort. */}}
 {{- define "jobcachefs.metricsPort" -}}
 {{- $m := .Values.metrics | default dict }}
