@@ -611,3 +611,97 @@ fn plan(record: &VolumeRecord, local: Option<&Head>, current: Option<&RemoteVers
         _ => Step::Done(Advanced::Stale { base, current: current.version, other_lifetime }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{OnStale, Policy};
+
+    fn id(s: &str) -> LayerId {
+        LayerId::new(s).unwrap()
+    }
+
+    fn remote(version: u64, lineage: &str, layers: &[&str]) -> RemoteVersion {
+        let layers = layers
+            .iter()
+            .map(|l| RemoteLayer {
+                id: id(l),
+                blob: Blob { digest: format!("sha256:{:0>64}", l), size: 1, diff_id: format!("sha256:{:0>64}", l) },
+            })
+            .collect();
+        RemoteVersion { version, lineage: lineage.into(), layers }
+    }
+
+    fn head(version: u64, lineage: &str, layers: &[&str]) -> Head {
+        Head { version, layers: layers.iter().map(|l| id(l)).collect(), updated_unix: 0, lineage: lineage.into() }
+    }
+
+    fn record(base: u64, lineage: &str, on_stale: OnStale) -> VolumeRecord {
+        let policy = Policy { publish: true, on_stale, ..Policy::default() };
+        serde_json::from_value(serde_json::json!({
+            "id": "v1",
+            "cache": {"namespace": "ci", "name": "m2"},
+            "base": {"version": base, "layers": [], "from": {"namespace": "ci", "name": "m2"},
+                     "from_version": base, "lineage": lineage},
+            "policy": serde_json::to_value(policy).unwrap(),
+            "created_unix": 0,
+        }))
+        .unwrap()
+    }
+
+    fn push(version: u64, layers: &[&str], write_local: bool) -> Step {
+        Step::Push { version, lineage: "l1".into(), layers: layers.iter().map(|l| id(l)).collect(), write_local }
+    }
+
+    #[test]
+    fn a_first_publish_puts_version_one_of_its_layer() {
+        let next = NextHead::Write(head(1, "l1", &["new"]));
+        assert_eq!(plan(&record(0, "", OnStale::Skip), None, None, &next), push(1, &["new"], true));
+    }
+
+    #[test]
+    fn a_current_base_keeps_the_registrys_layers_under_a_local_squash() {
+        let local = head(3, "l1", &["sq"]);
+        let current = remote(3, "l1", &["a", "b"]);
+        let next = NextHead::Write(head(4, "l1", &["sq", "new"]));
+        let step = plan(&record(3, "l1", OnStale::Skip), Some(&local), Some(&current), &next);
+        assert_eq!(step, push(4, &["a", "b", "new"], true));
+    }
+
+    #[test]
+    fn a_registry_ahead_makes_the_change_stale_or_stacks_it() {
+        let local = head(3, "l1", &["a"]);
+        let current = remote(4, "l1", &["a", "c"]);
+        let next = NextHead::Write(head(4, "l1", &["a", "new"]));
+        let stale = plan(&record(3, "l1", OnStale::Skip), Some(&local), Some(&current), &next);
+        assert_eq!(stale, Step::Done(Advanced::Stale { base: 3, current: 4, other_lifetime: false }));
+        let stacked = plan(&record(3, "l1", OnStale::Stack), Some(&local), Some(&current), &next);
+        assert_eq!(stacked, push(5, &["a", "c", "new"], false));
+    }
+
+    #[test]
+    fn another_lifetime_in_the_registry_is_never_stacked_on() {
+        let local = head(3, "l1", &["a"]);
+        let current = remote(1, "l2", &["z"]);
+        let next = NextHead::Write(head(4, "l1", &["a", "new"]));
+        let step = plan(&record(3, "l1", OnStale::Stack), Some(&local), Some(&current), &next);
+        assert_eq!(step, Step::Done(Advanced::Stale { base: 3, current: 1, other_lifetime: true }));
+    }
+
+    #[test]
+    fn a_registry_behind_this_node_catches_up_with_its_layers() {
+        let local = head(3, "l1", &["a", "b"]);
+        let current = remote(2, "l1", &["a"]);
+        let next = NextHead::Write(head(4, "l1", &["a", "b", "new"]));
+        let step = plan(&record(3, "l1", OnStale::Skip), Some(&local), Some(&current), &next);
+        assert_eq!(step, push(4, &["a", "b", "new"], true));
+    }
+
+    #[test]
+    fn a_retry_after_this_nodes_head_was_written_is_done() {
+        let done = Advanced::Committed { version: 4, depth: 2 };
+        let current = remote(4, "l1", &["a", "new"]);
+        let step = plan(&record(3, "l1", OnStale::Skip), None, Some(&current), &NextHead::Decided(done.clone()));
+        assert_eq!(step, Step::Done(done));
+    }
+}

@@ -1,5 +1,9 @@
-//! A cache version as an OCI image manifest: our artifact type, the empty config, the
+//! A cache version as an OCI image manifest: our artifact type, a minimal image config, the
 //! cache's layers bottom to top, and annotations carrying version, lineage and layer ids.
+//!
+//! The config is an image config (os, architecture, `rootfs.diff_ids`) rather than the OCI
+//! empty descriptor: skopeo 1.9 refuses "image-specific operations" on an empty config and
+//! umoci refuses to unpack one, while `artifactType` still tells our versions from images.
 
 use std::collections::BTreeMap;
 
@@ -12,6 +16,8 @@ use crate::store::layout::LayerId;
 pub const ARTIFACT_TYPE: &str = "application/vnd.jobcachefs.cache.v1";
 /// Every layer blob's media type.
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+/// The image config's media type.
+pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 /// The OCI empty descriptor's media type (its blob is `{}`).
 pub const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
 /// The OCI empty blob's digest (`{}`).
@@ -95,7 +101,36 @@ pub fn is_sha256_digest(s: &str) -> bool {
         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
+/// `GOARCH` of this machine, as image configs name architectures.
+fn goarch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
 impl RemoteVersion {
+    /// The config blob: what tools that unpack images need (os, architecture, diff ids).
+    pub fn config_blob(&self) -> Vec<u8> {
+        let diff_ids: Vec<&str> = self.layers.iter().map(|l| l.blob.diff_id.as_str()).collect();
+        let config = serde_json::json!({
+            "architecture": goarch(),
+            "os": "linux",
+            "rootfs": { "type": "layers", "diff_ids": diff_ids },
+        });
+        // A json! value of strings only cannot fail to serialise.
+        serde_json::to_vec(&config).unwrap_or_default()
+    }
+
+    /// The config blob's digest.
+    pub fn config_digest(&self) -> String {
+        use sha2::Digest;
+        format!("sha256:{:x}", sha2::Sha256::digest(self.config_blob()))
+    }
+
     /// The manifest that stores this version.
     pub fn to_manifest(&self) -> OciImageManifest {
         let layers = self
@@ -123,9 +158,9 @@ impl RemoteVersion {
             schema_version: 2,
             media_type: Some(oci_client::manifest::OCI_IMAGE_MEDIA_TYPE.to_string()),
             config: OciDescriptor {
-                media_type: EMPTY_MEDIA_TYPE.to_string(),
-                digest: EMPTY_DIGEST.to_string(),
-                size: EMPTY_BLOB.len() as i64,
+                media_type: CONFIG_MEDIA_TYPE.to_string(),
+                digest: self.config_digest(),
+                size: self.config_blob().len() as i64,
                 ..Default::default()
             },
             layers,
@@ -180,7 +215,7 @@ impl RemoteVersion {
                     LayerId::new(s.as_str()).map_err(|e| invalid(field(&format!("annotations.{ANN_LAYER}")), e.rule))
                 })?;
             let diff_id = ann.get(ANN_DIFF_ID).cloned().unwrap_or_default();
-            if !diff_id.is_empty() && !is_sha256_digest(&diff_id) {
+            if !is_sha256_digest(&diff_id) {
                 return Err(invalid(field(&format!("annotations.{ANN_DIFF_ID}")), "must be a sha256 digest"));
             }
             if layers.iter().any(|l| l.id == id) {
@@ -202,7 +237,11 @@ mod tests {
             lineage: "abc123".into(),
             layers: vec![RemoteLayer {
                 id: LayerId::new("k3v9q2ma").unwrap(),
-                blob: Blob { digest: format!("sha256:{}", "a".repeat(64)), size: 10, diff_id: String::new() },
+                blob: Blob {
+                    digest: format!("sha256:{}", "a".repeat(64)),
+                    size: 10,
+                    diff_id: format!("sha256:{}", "b".repeat(64)),
+                },
             }],
         }
     }
@@ -214,7 +253,10 @@ mod tests {
         assert_eq!(RemoteVersion::from_manifest(&raw).unwrap(), v);
         let text = String::from_utf8(raw).unwrap();
         assert!(text.contains(r#""artifactType":"application/vnd.jobcachefs.cache.v1""#), "{text}");
-        assert!(text.contains(EMPTY_DIGEST), "{text}");
+        assert!(text.contains(&v.config_digest()), "{text}");
+        let config: serde_json::Value = serde_json::from_slice(&v.config_blob()).unwrap();
+        assert_eq!(config["rootfs"]["diff_ids"][0], v.layers[0].blob.diff_id);
+        assert_eq!(config["os"], "linux");
     }
 
     #[test]
