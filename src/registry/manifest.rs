@@ -262,7 +262,8 @@ mod tests {
     #[test]
     fn hostile_manifests_are_refused_naming_the_field() {
         let good = serde_json::to_value(sample().to_manifest()).unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("artifactType", Box::new(|m| m["artifactType"] = "application/x".into())),
             ("layers[0].digest", Box::new(|m| m["layers"][0]["digest"] = "sha256:../../etc".into())),
             ("layers[0].annotations", Box::new(|m| m["layers"][0]["annotations"][ANN_LAYER] = "../x".into())),
