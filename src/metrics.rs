@@ -86,6 +86,18 @@ struct LockKind {
     kind: &'static str,
 }
 
+/// A registry transfer's direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Direction {
+    direction: &'static str,
+}
+
+/// A failed registry step.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Step {
+    step: &'static str,
+}
+
 /// Every series the driver exports.
 pub struct Metrics {
     registry: Registry,
@@ -111,6 +123,8 @@ pub struct Metrics {
     volumes: Gauge,
     deepest: Gauge,
     oldest_pending: Gauge,
+    registry_bytes: Family<Direction, Counter>,
+    registry_errors: Family<Step, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -210,6 +224,18 @@ impl Metrics {
             "jobcachefs_oldest_pending_publish_seconds",
             "Age of the oldest change promoted to a layer and still waiting for its cache's HEAD",
         );
+        let registry_bytes = Family::default();
+        registry.register(
+            "jobcachefs_registry_bytes",
+            "Compressed layer bytes moved to (pushed) and from (pulled) the registry",
+            registry_bytes.clone(),
+        );
+        let registry_errors = Family::default();
+        registry.register(
+            "jobcachefs_registry_errors",
+            "Registry steps that failed (push, publish, pull, prefetch); a publish is retried",
+            registry_errors.clone(),
+        );
         Self {
             registry,
             per_cache,
@@ -234,7 +260,19 @@ impl Metrics {
             volumes,
             deepest,
             oldest_pending,
+            registry_bytes,
+            registry_errors,
         }
+    }
+
+    /// Layer blob bytes moved: `direction` is `pushed` or `pulled`.
+    pub fn registry_moved(&self, direction: &'static str, bytes: u64) {
+        self.registry_bytes.get_or_create(&Direction { direction }).inc_by(bytes);
+    }
+
+    /// A registry step failed.
+    pub fn registry_failed(&self, step: &'static str) {
+        self.registry_errors.get_or_create(&Step { step }).inc();
     }
 
     fn labels(&self, cache: &CacheKey) -> CacheLabels {

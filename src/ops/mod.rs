@@ -708,8 +708,9 @@ impl Engine {
                     }
                 }
                 Ok(None) => {}
-                // The lock's failures are counted by kind; the caller retries with the change kept.
-                Err(OpsError::Lock { .. }) => {}
+                // The lock's failures are counted by kind; the caller retries with the change kept
+                // (so too after a registry failure, whose drop past the deadline is counted).
+                Err(OpsError::Lock { .. } | OpsError::Remote { .. }) => {}
                 Err(_) => self.metrics.released(&cache, "failed", 0, took),
             }
         }
@@ -872,6 +873,7 @@ impl Engine {
         layer: &crate::store::LayerId,
         err: OpsError,
     ) -> Result<Option<Released>, OpsError> {
+        self.metrics.registry_failed("publish");
         let why = NotPublished::RegistryFailed { message: err.to_string() };
         self.drop_after_deadline(id, layer, err, why, true).await
     }

@@ -159,7 +159,10 @@ impl Engine {
         };
         let mut found = Vec::new();
         for key in held {
-            let synced = self.sync_cache(&key).await.map_err(|e| e.to_string());
+            let synced = self.sync_cache(&key).await.map_err(|e| {
+                self.metrics.registry_failed("prefetch");
+                e.to_string()
+            });
             match &synced {
                 Ok(Synced::Pulled { version, layers, bytes }) => tracing::info!(cache.namespace = %key.namespace,
                     cache.name = %key.name, version, layers, bytes, "prefetched a new version"),
@@ -287,6 +290,7 @@ impl Engine {
         }
         let bytes = staged.iter().map(|s| s.blob.size).sum();
         let layers = staged.len();
+        self.metrics.registry_moved("pulled", bytes);
         let (this, k, v, d) = (self.clone(), key.clone(), version.clone(), digest.to_string());
         let adopted = blocking(move || {
             let adopted = this.store.adopt_remote(&k, &v, &d, staged);
@@ -374,6 +378,9 @@ impl Engine {
             }
         });
         let local_version = local.as_ref().map_or(Head::NONE, |h| h.version);
+        if asked.is_err() {
+            self.metrics.registry_failed("restore");
+        }
         match asked {
             Ok(synced) => tracing::debug!(outcome = ?synced, "registry checked before restore"),
             Err(error) => tracing::warn!(cache.namespace = %key.namespace, cache.name = %key.name,
@@ -413,9 +420,10 @@ impl Engine {
         let (this, id) = (self.clone(), layer.clone());
         let recorded = blocking(move || Ok(this.store.layer(&id)?.and_then(|r| r.blob))).await?;
         if let Some(blob) = &recorded {
-            // Pushed or pulled before: present in this repository or mountable from another.
-            let missing = this_path_missing(self);
-            match registry.push_blob(key, &missing, blob, also_in).await {
+            // Pushed or pulled before: present in this repository or mountable from another,
+            // which push_blob finds without reading the (absent) file; else it is written anew.
+            let no_copy = self.store.scratch_path("absent");
+            match registry.push_blob(key, &no_copy, blob, also_in).await {
                 Ok(_) => return Ok(blob.clone()),
                 Err(e) if e.is_transient() => return Err(remote_err(key, e)),
                 Err(_) => {}
@@ -436,6 +444,9 @@ impl Engine {
         let pushed = registry.push_blob(key, &path, &blob, also_in).await;
         let _ = tokio::fs::remove_file(&path).await;
         let how = pushed.map_err(|e| remote_err(key, e))?;
+        if how == crate::registry::client::BlobPush::Uploaded {
+            self.metrics.registry_moved("pushed", blob.size);
+        }
         tracing::info!(layer.id = %layer, blob.digest = %blob.digest, blob.size = blob.size, how = ?how, "layer pushed");
         Ok(blob)
     }
@@ -525,10 +536,6 @@ impl Engine {
             }
         });
     }
-}
-
-fn this_path_missing(engine: &Engine) -> std::path::PathBuf {
-    engine.store.scratch_path("absent")
 }
 
 /// `interval` scaled by a random factor in [0.8, 1.2).
