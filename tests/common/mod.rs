@@ -11,6 +11,7 @@ use jobcachefs::mount::{info, Mounter, SysMounter};
 use jobcachefs::ops::Engine;
 use jobcachefs::store::{CacheKey, Layout, NewVolume, Policy, Store, VolumeId};
 
+pub mod fault_proxy;
 pub mod registry;
 
 /// Whether this process may mount. Outside CI a test that cannot mount says so and returns;
