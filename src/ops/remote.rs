@@ -17,6 +17,9 @@ use crate::store::{CacheKey, LayerId, VolumeRecord};
 /// The tag that names a cache's newest version.
 pub const HEAD_TAG: &str = "head";
 
+/// How long a restore waits for the registry when prefetch last found its version current.
+const PREFETCHED_WAIT: Duration = Duration::from_millis(250);
+
 /// How this node uses a registry.
 #[derive(Clone)]
 pub struct RemoteConfig {
@@ -57,7 +60,8 @@ impl Remote {
     }
 
     fn saw(&self, key: &CacheKey, digest: &str, v: &RemoteVersion) {
-        let seen = Seen { digest: digest.to_string(), version: v.version, lineage: v.lineage.clone(), at: Instant::now() };
+        let seen =
+            Seen { digest: digest.to_string(), version: v.version, lineage: v.lineage.clone(), at: Instant::now() };
         self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), seen);
     }
 }
@@ -167,7 +171,9 @@ impl Engine {
                 Ok(Synced::Pulled { version, layers, bytes }) => tracing::info!(cache.namespace = %key.namespace,
                     cache.name = %key.name, version, layers, bytes, "prefetched a new version"),
                 Ok(_) => {}
-                Err(error) => tracing::warn!(cache.namespace = %key.namespace, cache.name = %key.name, %error, "prefetch failed"),
+                Err(error) => {
+                    tracing::warn!(cache.namespace = %key.namespace, cache.name = %key.name, %error, "prefetch failed")
+                }
             }
             found.push((key, synced));
         }
@@ -336,7 +342,10 @@ impl Engine {
     }
 
     /// Before a restore: the registry's newer version when it answers in time, else this
-    /// node's (said in the log). Asks nothing when prefetch saw the local version is current.
+    /// node's (said in the log). The registry's `head` is asked with a HEAD request; only a
+    /// digest this node has not seen is read and pulled. When prefetch saw this node's version
+    /// current within its interval, the answer is waited for only briefly: the restore is a
+    /// mount unless another node published since.
     fn sync_before_restore(&self, key: &CacheKey) {
         let Some(remote) = self.remote.clone() else { return };
         let local = match self.store.head(key) {
@@ -346,23 +355,30 @@ impl Engine {
                 return;
             }
         };
-        if let (Some(interval), Some(seen), Some(local)) = (remote.config.prefetch, remote.seen(key), &local) {
-            if seen.at.elapsed() < interval && is_current(local, seen.version, &seen.lineage) {
-                return;
-            }
-        }
+        let seen = remote.seen(key).filter(|seen| {
+            remote.config.prefetch.is_some_and(|interval| seen.at.elapsed() < interval)
+                && local.as_ref().is_some_and(|l| is_current(l, seen.version, &seen.lineage))
+        });
+        let wait = match &seen {
+            Some(_) => remote.config.restore_timeout.min(PREFETCHED_WAIT),
+            None => remote.config.restore_timeout,
+        };
         let handle = tokio::runtime::Handle::current();
         let this = self.clone();
         let k = key.clone();
-        // The head is asked with the short timeout; a pull once begun is waited for (its reads
-        // time out on their own when the registry stalls).
         let asked = handle.block_on(async move {
-            let head = tokio::time::timeout(
-                remote.config.restore_timeout,
-                remote.config.registry.read_version(&k, HEAD_TAG),
-            )
-            .await;
-            match head {
+            let registry = &remote.config.registry;
+            let digest = match tokio::time::timeout(wait, registry.tag_digest(&k, HEAD_TAG)).await {
+                Err(_) => return Err(format!("no answer within {wait:?}")),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Ok(None)) => return Ok(Synced::NoRemote),
+                Ok(Ok(Some(digest))) => digest,
+            };
+            if let Some(seen) = seen.filter(|s| s.digest == digest) {
+                return Ok(Synced::Current(seen.version));
+            }
+            let read = tokio::time::timeout(remote.config.restore_timeout, registry.read_version(&k, HEAD_TAG)).await;
+            match read {
                 Err(_) => Err(format!("no answer within {:?}", remote.config.restore_timeout)),
                 Ok(Err(e)) => Err(e.to_string()),
                 Ok(Ok(None)) => Ok(Synced::NoRemote),
@@ -372,6 +388,7 @@ impl Engine {
                         Ok(Some(local)) if is_current(&local, version.version, &version.lineage) => {
                             Ok(Synced::Current(local.version))
                         }
+                        // A pull once begun is waited for: its reads time out on their own.
                         _ => this.pull_version(&k, &version, &digest).await.map_err(|e| e.to_string()),
                     }
                 }
@@ -407,7 +424,8 @@ impl Engine {
             layers.extend(local.iter().flat_map(|h| h.layers.iter().cloned()));
         }
         layers.dedup();
-        let also_in: Vec<CacheKey> = if record.base.from != record.cache { vec![record.base.from.clone()] } else { vec![] };
+        let also_in: Vec<CacheKey> =
+            if record.base.from != record.cache { vec![record.base.from.clone()] } else { vec![] };
         for layer in layers {
             self.push_layer(&remote, key, &layer, &also_in).await?;
         }
@@ -415,7 +433,13 @@ impl Engine {
     }
 
     /// Pushes one layer's blob, writing it first when this node never did.
-    async fn push_layer(&self, remote: &Remote, key: &CacheKey, layer: &LayerId, also_in: &[CacheKey]) -> Result<Blob, OpsError> {
+    async fn push_layer(
+        &self,
+        remote: &Remote,
+        key: &CacheKey,
+        layer: &LayerId,
+        also_in: &[CacheKey],
+    ) -> Result<Blob, OpsError> {
         let registry = &remote.config.registry;
         let (this, id) = (self.clone(), layer.clone());
         let recorded = blocking(move || Ok(this.store.layer(&id)?.and_then(|r| r.blob))).await?;
@@ -453,7 +477,11 @@ impl Engine {
 
     /// Under the cache's lock: compares the registry's `head` with the volume's base, puts the
     /// new version's manifest and moves `head`, then writes this node's HEAD.
-    pub(crate) async fn advance_remote(&self, record: &VolumeRecord, promoted: &Promoted) -> Result<Advanced, OpsError> {
+    pub(crate) async fn advance_remote(
+        &self,
+        record: &VolumeRecord,
+        promoted: &Promoted,
+    ) -> Result<Advanced, OpsError> {
         let Some(remote) = self.remote.clone() else {
             let (this, rec, pro) = (self.clone(), record.clone(), promoted.clone());
             return blocking(move || Ok(this.store.advance_head(&rec, &pro)?)).await;
@@ -462,7 +490,8 @@ impl Engine {
         let registry = &remote.config.registry;
         let current = registry.read_version(key, HEAD_TAG).await.map_err(|e| remote_err(key, e))?.map(|(v, _)| v);
         let (this, rec, pro) = (self.clone(), record.clone(), promoted.clone());
-        let (local, next) = blocking(move || Ok((this.store.head(&rec.cache)?, this.store.next_head(&rec, &pro)?))).await?;
+        let (local, next) =
+            blocking(move || Ok((this.store.head(&rec.cache)?, this.store.next_head(&rec, &pro)?))).await?;
         let (number, lineage, ids, write_local) = match plan(record, local.as_ref(), current.as_ref(), &next) {
             Step::Done(advanced) => return Ok(advanced),
             Step::Push { version, lineage, layers, write_local } => (version, lineage, layers, write_local),
@@ -587,9 +616,8 @@ fn plan(record: &VolumeRecord, local: Option<&Head>, current: Option<&RemoteVers
             Err(stale) => Step::Done(stale.clone()),
             Ok(head) => {
                 let same = current.zip(local).is_some_and(|(c, l)| c.version == l.version && c.lineage == l.lineage);
-                let on_local = local.is_some_and(|l| {
-                    head.layers.len() == l.layers.len() + 1 && head.layers.starts_with(&l.layers)
-                });
+                let on_local = local
+                    .is_some_and(|l| head.layers.len() == l.layers.len() + 1 && head.layers.starts_with(&l.layers));
                 // The registry's layers hold the same content as this node's (maybe squashed
                 // here since): the manifest keeps the registry's.
                 let layers = match current {
