@@ -453,9 +453,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             cache_key(&volume.namespace, &volume.cache)?;
             fallbacks(volume)?;
         }
-        Command::Cache(
-            CacheCommand::Show(c) | CacheCommand::Rm(c) | CacheCommand::Pull(c) | CacheCommand::Push(c),
-        )
+        Command::Cache(CacheCommand::Show(c) | CacheCommand::Rm(c) | CacheCommand::Pull(c) | CacheCommand::Push(c))
         | Command::Cache(CacheCommand::Squash(SquashArgs { cache: c, .. }))
         | Command::Cache(CacheCommand::Rollback(RollbackArgs { cache: c, .. })) => {
             cache_key(&c.namespace, &c.name)?;
@@ -966,7 +964,8 @@ async fn cache_command(engine: Engine, cmd: CacheCommand) -> Result<ExitCode, Cl
                     #[serde(skip_serializing_if = "Option::is_none")]
                     remote: Option<&'a RemoteColumn>,
                 }
-                let rows: Vec<Row> = infos.iter().zip(&remotes).map(|(info, r)| Row { info, remote: r.as_ref() }).collect();
+                let rows: Vec<Row> =
+                    infos.iter().zip(&remotes).map(|(info, r)| Row { info, remote: r.as_ref() }).collect();
                 print_json(&rows)?;
             } else {
                 let remote_head = if engine.registry().is_some() { "  REGISTRY" } else { "" };
@@ -1030,7 +1029,12 @@ async fn cache_command(engine: Engine, cmd: CacheCommand) -> Result<ExitCode, Cl
                     #[serde(skip_serializing_if = "Option::is_none")]
                     remote: Option<&'a RemoteColumn>,
                 }
-                print_json(&Show { info: &info, layer_records: &layers, versions: &versions, remote: remote.as_ref() })?;
+                print_json(&Show {
+                    info: &info,
+                    layer_records: &layers,
+                    versions: &versions,
+                    remote: remote.as_ref(),
+                })?;
             } else if info.version == 0 {
                 println!("cache {key}: no version yet ({} volumes in use)", info.volumes);
                 if let Some(r) = &remote {

@@ -280,7 +280,10 @@ mod tests {
         let mut dup = good.clone();
         let layer = dup["layers"][0].clone();
         dup["layers"].as_array_mut().unwrap().push(layer);
-        assert!(RemoteVersion::from_manifest(&serde_json::to_vec(&dup).unwrap()).unwrap_err().to_string().contains("twice"));
+        assert!(RemoteVersion::from_manifest(&serde_json::to_vec(&dup).unwrap())
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
         let big = vec![b' '; MAX_MANIFEST_BYTES + 1];
         assert!(matches!(RemoteVersion::from_manifest(&big), Err(ManifestError::TooLarge { .. })));
     }
