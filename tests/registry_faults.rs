@@ -271,3 +271,85 @@ async fn old_versions_lose_their_tags_past_the_retention() {
     let (head, _) = registry.read_version(&cache(), "head").await.unwrap().unwrap();
     assert_eq!(head.version, 7);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_stopped_and_restarted_loses_no_publish_and_fails_no_restore() {
+    if !can_mount() {
+        return;
+    }
+    let Some(mut reg) = TestRegistry::start() else { return };
+    let sb = Sandbox::new();
+    let a = node(&sb, "a", &reg.url(), None);
+    let b = node(&sb, "b", &reg.url(), None);
+    job(&a, &sb, "a1", |dir| fs::write(dir.join("v"), "1").unwrap()).await.unwrap();
+
+    reg.stop();
+    let target = sb.path("a2");
+    a.restore(volume("a2", &cache(), publishing(), &target)).await.expect("a restore needs no registry");
+    fs::write(target.join("v"), "2").unwrap();
+    let err = a.release(&VolumeId::new("a2").unwrap(), true).await.expect_err("no registry, no publish yet");
+    assert!(matches!(err, OpsError::Remote { .. }), "{err}");
+    let empty = sb.path("b1");
+    b.restore(volume("b1", &cache(), publishing(), &empty)).await.expect("B restores what it has: nothing");
+    assert!(!empty.join("v").exists());
+    b.release(&VolumeId::new("b1").unwrap(), false).await.unwrap();
+
+    reg.restart();
+    let released = a.release(&VolumeId::new("a2").unwrap(), true).await.unwrap();
+    assert!(matches!(released, Some(Released::Committed { version: 2, .. })), "{released:?}");
+    job(&b, &sb, "b2", |dir| assert_eq!(fs::read_to_string(dir.join("v")).unwrap(), "2")).await.unwrap();
+}
+
+/// A zstd-compressed tar whose one entry is named `name` (written raw: the tar crate refuses
+/// `..` in paths it builds).
+fn hostile_blob(name: &str) -> Vec<u8> {
+    let mut header = tar::Header::new_ustar();
+    header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    header.set_size(5);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.append(&header, &b"pwned"[..]).unwrap();
+    zstd::encode_all(&tar.into_inner().unwrap()[..], 3).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_layer_in_the_registry_is_refused_and_touches_nothing() {
+    use jobcachefs::registry::{Blob, RemoteLayer, RemoteVersion};
+    use sha2::Digest;
+    if !can_mount() {
+        return;
+    }
+    let Some(reg) = TestRegistry::start() else { return };
+    let sb = Sandbox::new();
+    let a = node(&sb, "a", &reg.url(), None);
+    let b = node(&sb, "b", &reg.url(), None);
+    job(&a, &sb, "a1", |dir| fs::write(dir.join("v"), "1").unwrap()).await.unwrap();
+    job(&b, &sb, "b1", |_| {}).await.unwrap();
+
+    // Someone with push rights puts a v2 whose new layer escapes its directory.
+    let registry = registry_at(&reg.url());
+    let (v1, _) = registry.read_version(&cache(), "head").await.unwrap().unwrap();
+    let bytes = hostile_blob("../../../../escaped.txt");
+    let path = sb.path("blobs").join("evil.tar.zst");
+    fs::write(&path, &bytes).unwrap();
+    let blob = Blob {
+        digest: format!("sha256:{:x}", sha2::Sha256::digest(&bytes)),
+        size: bytes.len() as u64,
+        diff_id: format!("sha256:{}", "0".repeat(64)),
+    };
+    registry.push_blob(&cache(), &path, &blob, &[]).await.unwrap();
+    let mut layers = v1.layers.clone();
+    layers.push(RemoteLayer { id: jobcachefs::store::LayerId::new("evil0001").unwrap(), blob });
+    let v2 = RemoteVersion { version: 2, lineage: v1.lineage.clone(), layers };
+    registry.put_version(&cache(), &v2, &["v2".into(), "head".into()]).await.unwrap();
+
+    let err = b.sync_cache(&cache()).await.expect_err("a layer escaping its directory is refused");
+    assert!(err.to_string().contains("escaped.txt") && err.to_string().contains(".."), "{err}");
+    assert_eq!(version(&b), 1, "B keeps its version");
+    assert!(!sb.dir.path().join("escaped.txt").exists() && !Path::new("/escaped.txt").exists());
+    assert!(scratch(&sb, "b").iter().all(|n| !n.starts_with("pull-")), "{:?}", scratch(&sb, "b"));
+    // And a job on B still gets v1, with the log saying why.
+    job(&b, &sb, "b2", |dir| assert_eq!(fs::read_to_string(dir.join("v")).unwrap(), "1")).await.unwrap();
+}
