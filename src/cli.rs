@@ -1081,7 +1081,15 @@ async fn cache_command(engine: Engine, cmd: CacheCommand) -> Result<ExitCode, Cl
         }
         CacheCommand::Rollback(args) => {
             let key = cache_key(&args.cache.namespace, &args.cache.name)?;
+            // With a registry the rollback is a version like any other: made on top of the
+            // registry's newest and put there, so every node takes it.
+            if engine.registry().is_some() {
+                engine.sync_cache(&key).await?;
+            }
             let rolled = engine.rollback(&key, args.to).await?;
+            if engine.registry().is_some() {
+                engine.push_cache(&key).await?;
+            }
             if args.cache.json.json {
                 print_json(&rolled)?;
             } else {

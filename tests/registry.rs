@@ -163,6 +163,15 @@ fn the_command_line_shares_a_cache_through_a_registry() {
     let out = with(&c, &["cache", "push", "npm", "--namespace", "ci"]);
     assert!(out.status.success() && stdout(&out).contains("already has v1"), "{}{}", stdout(&out), stderr(&out));
 
+    // A rollback on one node is a new version in the registry, which every node then takes.
+    let out =
+        with(&a, &["run", "--cache", "npm", "--namespace", "ci", "--", "sh", "-c", "echo bad > $JOBCACHE_DIR/out.txt"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = with(&a, &["cache", "rollback", "npm", "--namespace", "ci", "--to", "1"]);
+    assert!(out.status.success() && stdout(&out).contains("as v3"), "{}{}", stdout(&out), stderr(&out));
+    let out = with(&b, &["run", "--cache", "npm", "--namespace", "ci", "--", "sh", "-c", "cat $JOBCACHE_DIR/out.txt"]);
+    assert_eq!(stdout(&out), "built\n", "node B gets the rolled-back content: {}", stderr(&out));
+
     // Without the registry flag nothing changes: a node's own caches only.
     let d = Sandbox::new();
     let out =

@@ -149,6 +149,7 @@ impl Store {
     /// started from the version being replaced finds its base stale when it publishes.
     pub fn rollback(&self, key: &CacheKey, to: u64) -> Result<RolledBack, StoreError> {
         let _pin = self.state_lock(false)?;
+        let _heads = self.head_lock(key)?;
         let head = self.head(key)?.ok_or_else(|| StoreError::NoVersion(key.clone()))?;
         let kept = self.versions(key)?;
         let Some(target) = kept.iter().find(|v| v.version == to) else {

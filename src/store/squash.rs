@@ -275,6 +275,8 @@ impl Store {
     pub fn squash_finish(&self, squashed: Squashed) -> Result<SquashOutcome, StoreError> {
         let key = &squashed.cache;
         let (at, end) = (squashed.at, squashed.at + squashed.run.len());
+        // A version pulled from a registry may replace HEAD without the publish lock.
+        let _heads = self.head_lock(key)?;
         let current = self.head(key)?;
         let Some(current) = current.filter(|h| h.layers.get(at..end) == Some(&squashed.run[..])) else {
             self.remove_layer(&squashed.layer)?;
