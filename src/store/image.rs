@@ -86,16 +86,7 @@ impl Store {
     /// Takes the lock of image `tag`, waiting for another holder.
     pub fn lock_image(&self, tag: &ImageTag) -> Result<ImageLock, StoreError> {
         atomic::create_dir_durable(&self.layout.images_dir())?;
-        let path = self.layout.image_lock(tag);
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| StoreError::io("open", &path, e))?;
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map(ImageLock)
-            .map_err(|(_, errno)| StoreError::io("flock", &path, errno.into()))
+        super::flock_file(&self.layout.image_lock(tag), FlockArg::LockExclusive).map(ImageLock)
     }
 
     /// Makes `key`'s image of `size_bytes` unless it has one. The caller holds the image lock.

@@ -110,6 +110,17 @@ impl StoreError {
 #[derive(Debug)]
 pub struct StateLock(#[allow(dead_code)] Flock<File>);
 
+/// Opens (creating) `path` and flocks it, waiting for other holders.
+pub(crate) fn flock_file(path: &Path, arg: FlockArg) -> Result<Flock<File>, StoreError> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| StoreError::io("open", path, e))?;
+    Flock::lock(file, arg).map_err(|(_, errno)| StoreError::io("flock", path, errno.into()))
+}
+
 /// The cache store over one state dir.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -260,31 +271,15 @@ impl Store {
 
     /// Takes the state-wide lock shared (pinning, publishing) or exclusive (collecting).
     pub fn state_lock(&self, exclusive: bool) -> Result<StateLock, StoreError> {
-        let path = self.layout.gc_lock_path();
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| StoreError::io("open", &path, e))?;
         let arg = if exclusive { FlockArg::LockExclusive } else { FlockArg::LockShared };
-        Flock::lock(file, arg).map(StateLock).map_err(|(_, errno)| StoreError::io("flock", &path, errno.into()))
+        flock_file(&self.layout.gc_lock_path(), arg).map(StateLock)
     }
 
     /// Serialises this node's HEAD writes of `key` (a commit and a pulled version) across
     /// processes; held for a few file writes only.
     pub fn head_lock(&self, key: &CacheKey) -> Result<StateLock, StoreError> {
         atomic::create_dir_durable(&self.layout.cache_dir(key))?;
-        let path = self.layout.head_lock_path(key);
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| StoreError::io("open", &path, e))?;
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map(StateLock)
-            .map_err(|(_, errno)| StoreError::io("flock", &path, errno.into()))
+        flock_file(&self.layout.head_lock_path(key), FlockArg::LockExclusive).map(StateLock)
     }
 
     /// The cache's HEAD, `None` when it has no version.
