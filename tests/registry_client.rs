@@ -95,6 +95,13 @@ fn blobs_upload_once_mount_across_caches_and_read_back_exactly() {
         assert_eq!(c.push_blob(&b, &path, &blob, &[b.clone(), a.clone()]).await.unwrap(), BlobPush::Mounted);
         let want = std::fs::read(&path).unwrap();
         assert_eq!(read_blob(&c, &b, &blob).await.unwrap(), want);
+        // Read from a plain thread, outside the runtime, too.
+        let mut reader = c.open_blob(&b, &blob).await.unwrap();
+        let plain_read = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            std::io::Read::read_to_end(&mut reader, &mut got).map(|_| got)
+        });
+        assert_eq!(tokio::task::spawn_blocking(move || plain_read.join().unwrap()).await.unwrap().unwrap(), want);
 
         // A file that is not the size its descriptor says is never sent.
         let wrong = Blob { size: blob.size + 1, ..blob.clone() };

@@ -1156,7 +1156,10 @@ impl io::Read for BlobReader {
             if buf.is_empty() {
                 return Ok(0);
             }
-            let next = self.handle.block_on(tokio::time::timeout(self.timeout, self.stream.next()));
+            // The timer is made inside block_on: outside the runtime there is no reactor to
+            // register it with (a reader used from a plain thread).
+            let (timeout, stream) = (self.timeout, &mut self.stream);
+            let next = self.handle.block_on(async move { tokio::time::timeout(timeout, stream.next()).await });
             match next {
                 Err(_) => {
                     let e = ClientError::Timeout {
