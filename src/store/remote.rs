@@ -88,6 +88,21 @@ impl Store {
         staged: Vec<Staged>,
     ) -> Result<Adopted, StoreError> {
         let _pin = self.state_lock(false)?;
+        // Durable before anything names them (a crash leaves scratch), and before the head lock,
+        // which a commit's HEAD write waits for.
+        for layer in &staged {
+            crate::store::durable::sync_tree(&layer.dir)?;
+        }
+        let _heads = self.head_lock(key)?;
+        if let Some(head) = self.head(key)? {
+            if head.lineage == remote.lineage && head.version >= remote.version {
+                // Nothing would name them: scratch goes, not orphan layers for gc.
+                for layer in &staged {
+                    let _ = super::tree::remove_tree(&layer.dir);
+                }
+                return Ok(Adopted::Kept(head.version));
+            }
+        }
         for layer in staged {
             let target = self.layout.layer_dir(&layer.id);
             if target.exists() {
@@ -105,19 +120,10 @@ impl Store {
                 from_volume: None,
                 blob: Some(layer.blob.clone()),
             };
-            // The tree is durable before its record and its name: a crash leaves scratch.
-            crate::store::durable::sync_tree(&layer.dir)?;
             atomic::write_json(&self.layout.layer_record(&layer.id), &record)?;
             std::fs::rename(&layer.dir, &target).map_err(|e| StoreError::io("rename", &layer.dir, e))?;
         }
         atomic::sync_dir(&self.layout.layers_dir())?;
-        let _heads = self.head_lock(key)?;
-        let current = self.head(key)?;
-        if let Some(head) = &current {
-            if head.lineage == remote.lineage && head.version >= remote.version {
-                return Ok(Adopted::Kept(head.version));
-            }
-        }
         for layer in &remote.layers {
             if !self.layout.layer_dir(&layer.id).exists() {
                 let path = self.layout.layer_dir(&layer.id);
