@@ -105,6 +105,9 @@ pub enum RemoteError {
     /// The command needs a registry.
     #[error("no registry configured: give --registry")]
     NoRegistry,
+    /// The registry did not answer in time (a restore does not wait longer).
+    #[error("the registry did not answer within {after:?}")]
+    NoAnswer { after: Duration },
 }
 
 /// What `cache push` did.
@@ -234,22 +237,28 @@ impl Engine {
 
     /// Brings this node's HEAD of `key` up to the registry's `head`, pulling missing layers.
     pub async fn sync_cache(&self, key: &CacheKey) -> Result<Synced, OpsError> {
+        self.sync_within(key, None).await
+    }
+
+    /// [`Engine::sync_cache`], each question about `head` bounded by `wait` (a pull once begun
+    /// is waited for: its reads time out on their own). A conditional poll: the manifest is
+    /// read only when `head`'s digest is not the one last seen with this node current.
+    async fn sync_within(&self, key: &CacheKey, wait: Option<Duration>) -> Result<Synced, OpsError> {
         let Some(remote) = self.remote.clone() else { return Err(no_registry(key)) };
         let registry = &remote.config.registry;
         let local = {
             let (this, key) = (self.clone(), key.clone());
             blocking(move || Ok(this.store.head(&key)?)).await?
         };
-        // A conditional poll: the manifest is read only when its digest is not the one seen.
-        let digest = registry.tag_digest(key, HEAD_TAG).await.map_err(|e| remote_err(key, e))?;
-        let Some(digest) = digest else { return Ok(Synced::NoRemote) };
+        let Some(digest) = within(key, wait, registry.tag_digest(key, HEAD_TAG)).await? else {
+            return Ok(Synced::NoRemote);
+        };
         if let (Some(seen), Some(local)) = (remote.seen(key), &local) {
             if seen.digest == digest && is_current(local, seen.version, &seen.lineage) {
                 return Ok(Synced::Current(local.version));
             }
         }
-        let Some((version, digest)) = registry.read_version(key, HEAD_TAG).await.map_err(|e| remote_err(key, e))?
-        else {
+        let Some((version, digest)) = within(key, wait, registry.read_version(key, HEAD_TAG)).await? else {
             return Ok(Synced::NoRemote);
         };
         remote.saw(key, &digest, &version);
@@ -327,82 +336,49 @@ impl Engine {
     }
 
     /// Before a new volume pins a version: the registry's newer one of its cache (or, while the
-    /// cache has none anywhere, of its fallbacks). Nothing for content that is not HEAD's.
+    /// cache has none anywhere, of its first fallback that has one). Nothing for content that
+    /// is not HEAD's; after the registry failed once, nothing more is asked of it.
     pub(crate) fn sync_for(&self, req: &crate::store::NewVolume) {
         if self.remote.is_none() || req.content.is_some() || req.policy.fresh {
             return;
         }
-        self.sync_before_restore(&req.cache);
+        if !self.sync_before_restore(&req.cache) || !matches!(self.store.head(&req.cache), Ok(None)) {
+            return;
+        }
         for fallback in &req.fallbacks {
-            if !matches!(self.store.head(&req.cache), Ok(None)) {
-                break;
+            if !self.sync_before_restore(fallback) || !matches!(self.store.head(fallback), Ok(None)) {
+                return;
             }
-            self.sync_before_restore(fallback);
         }
     }
 
     /// Before a restore: the registry's newer version when it answers in time, else this
-    /// node's (said in the log). The registry's `head` is asked with a HEAD request; only a
-    /// digest this node has not seen is read and pulled. When prefetch saw this node's version
-    /// current within its interval, the answer is waited for only briefly: the restore is a
-    /// mount unless another node published since.
-    fn sync_before_restore(&self, key: &CacheKey) {
-        let Some(remote) = self.remote.clone() else { return };
-        let local = match self.store.head(key) {
-            Ok(local) => local,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read HEAD before asking the registry");
-                return;
-            }
-        };
-        let seen = remote.seen(key).filter(|seen| {
+    /// node's (said in the log); whether the registry answered. When prefetch found this
+    /// node's version current within its interval, the answer is waited for only briefly:
+    /// the restore is a mount unless another node published since.
+    fn sync_before_restore(&self, key: &CacheKey) -> bool {
+        let Some(remote) = self.remote.clone() else { return false };
+        let local = self.store.head(key).ok().flatten();
+        let fresh = remote.seen(key).is_some_and(|seen| {
             remote.config.prefetch.is_some_and(|interval| seen.at.elapsed() < interval)
                 && local.as_ref().is_some_and(|l| is_current(l, seen.version, &seen.lineage))
         });
-        let wait = match &seen {
-            Some(_) => remote.config.restore_timeout.min(PREFETCHED_WAIT),
-            None => remote.config.restore_timeout,
+        let wait = match fresh {
+            true => remote.config.restore_timeout.min(PREFETCHED_WAIT),
+            false => remote.config.restore_timeout,
         };
-        let handle = tokio::runtime::Handle::current();
-        let this = self.clone();
-        let k = key.clone();
-        let asked = handle.block_on(async move {
-            let registry = &remote.config.registry;
-            let digest = match tokio::time::timeout(wait, registry.tag_digest(&k, HEAD_TAG)).await {
-                Err(_) => return Err(format!("no answer within {wait:?}")),
-                Ok(Err(e)) => return Err(e.to_string()),
-                Ok(Ok(None)) => return Ok(Synced::NoRemote),
-                Ok(Ok(Some(digest))) => digest,
-            };
-            if let Some(seen) = seen.filter(|s| s.digest == digest) {
-                return Ok(Synced::Current(seen.version));
+        match tokio::runtime::Handle::current().block_on(self.sync_within(key, Some(wait))) {
+            Ok(synced) => {
+                tracing::debug!(outcome = ?synced, "registry checked before restore");
+                true
             }
-            let read = tokio::time::timeout(remote.config.restore_timeout, registry.read_version(&k, HEAD_TAG)).await;
-            match read {
-                Err(_) => Err(format!("no answer within {:?}", remote.config.restore_timeout)),
-                Ok(Err(e)) => Err(e.to_string()),
-                Ok(Ok(None)) => Ok(Synced::NoRemote),
-                Ok(Ok(Some((version, digest)))) => {
-                    remote.saw(&k, &digest, &version);
-                    match this.store.head(&k) {
-                        Ok(Some(local)) if is_current(&local, version.version, &version.lineage) => {
-                            Ok(Synced::Current(local.version))
-                        }
-                        // A pull once begun is waited for: its reads time out on their own.
-                        _ => this.pull_version(&k, &version, &digest).await.map_err(|e| e.to_string()),
-                    }
-                }
+            Err(error) => {
+                self.metrics.registry_failed("restore");
+                tracing::warn!(cache.namespace = %key.namespace, cache.name = %key.name,
+                    local.version = local.as_ref().map_or(Head::NONE, |h| h.version), %error,
+                    "registry not usable before restore; restoring this node's newest version");
+                false
             }
-        });
-        let local_version = local.as_ref().map_or(Head::NONE, |h| h.version);
-        if asked.is_err() {
-            self.metrics.registry_failed("restore");
-        }
-        match asked {
-            Ok(synced) => tracing::debug!(outcome = ?synced, "registry checked before restore"),
-            Err(error) => tracing::warn!(cache.namespace = %key.namespace, cache.name = %key.name,
-                local.version = local_version, %error,
-                "registry not usable before restore; restoring this node's newest version"),
         }
     }
 
@@ -443,14 +419,11 @@ impl Engine {
         let registry = &remote.config.registry;
         let (this, id) = (self.clone(), layer.clone());
         let recorded = blocking(move || Ok(this.store.layer(&id)?.and_then(|r| r.blob))).await?;
-        if let Some(blob) = &recorded {
-            // Pushed or pulled before: present in this repository or mountable from another,
-            // which push_blob finds without reading the (absent) file; else it is written anew.
-            let no_copy = self.store.scratch_path("absent");
-            match registry.push_blob(key, &no_copy, blob, also_in).await {
-                Ok(_) => return Ok(blob.clone()),
-                Err(e) if e.is_transient() => return Err(remote_err(key, e)),
-                Err(_) => {}
+        // Pushed or pulled before: present in this repository or mountable from another, with
+        // no need to write the layer as a blob again.
+        if let Some(blob) = recorded {
+            if registry.place_blob(key, &blob, also_in).await.map_err(|e| remote_err(key, e))?.is_some() {
+                return Ok(blob);
             }
         }
         let (this, id, k) = (self.clone(), layer.clone(), key.clone());
@@ -488,12 +461,25 @@ impl Engine {
         };
         let key = &record.cache;
         let registry = &remote.config.registry;
-        let current = registry.read_version(key, HEAD_TAG).await.map_err(|e| remote_err(key, e))?.map(|(v, _)| v);
+        let read = registry.read_version(key, HEAD_TAG).await.map_err(|e| remote_err(key, e))?;
+        let (current, current_digest) = read.map_or((None, None), |(v, d)| (Some(v), Some(d)));
         let (this, rec, pro) = (self.clone(), record.clone(), promoted.clone());
         let (local, next) =
             blocking(move || Ok((this.store.head(&rec.cache)?, this.store.next_head(&rec, &pro)?))).await?;
-        let (number, lineage, ids, write_local) = match plan(record, local.as_ref(), current.as_ref(), &next) {
+        let step = plan(record, &promoted.layer, local.as_ref(), current.as_ref(), &next);
+        let (number, lineage, ids, write_local) = match step {
             Step::Done(advanced) => return Ok(advanced),
+            Step::Published { version, depth } => {
+                // An earlier attempt put the manifest and stopped before this node's HEAD: the
+                // change is published; this node takes the registry's version when it can.
+                if let (Some(current), Some(digest)) = (current, current_digest) {
+                    let (this, k) = (self.clone(), key.clone());
+                    let adopted =
+                        blocking(move || Ok(this.store.adopt_remote(&k, &current, &digest, Vec::new())?)).await;
+                    tracing::info!(outcome = ?adopted.map_err(|e| e.to_string()), "already in the registry");
+                }
+                return Ok(Advanced::Committed { version, depth });
+            }
             Step::Push { version, lineage, layers, write_local } => (version, lineage, layers, write_local),
         };
         let mut layers = Vec::new();
@@ -574,6 +560,19 @@ fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.8 + 0.4 * f64::from(r) / 256.0)
 }
 
+/// A registry call bounded by `wait` (when given), its failure as the engine's error.
+async fn within<T>(
+    key: &CacheKey,
+    wait: Option<Duration>,
+    call: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, OpsError> {
+    let Some(wait) = wait else { return call.await.map_err(|e| remote_err(key, e)) };
+    match tokio::time::timeout(wait, call).await {
+        Ok(answer) => answer.map_err(|e| remote_err(key, e)),
+        Err(_) => Err(OpsError::Remote { cache: key.clone(), source: RemoteError::NoAnswer { after: wait } }),
+    }
+}
+
 fn no_registry(key: &CacheKey) -> OpsError {
     OpsError::Remote { cache: key.clone(), source: RemoteError::NoRegistry }
 }
@@ -592,6 +591,9 @@ fn is_current(local: &Head, version: u64, lineage: &str) -> bool {
 enum Step {
     /// Nothing to put: done already, or stale.
     Done(Advanced),
+    /// The registry's `head` already holds the change, as version `version` (a retry after the
+    /// manifest went up).
+    Published { version: u64, depth: usize },
     /// Put version `version` of these layers; `write_local`: this node's HEAD becomes the
     /// plan's (else the version stacks on another node's, which this node takes when it can).
     Push { version: u64, lineage: String, layers: Vec<LayerId>, write_local: bool },
@@ -599,13 +601,27 @@ enum Step {
 
 /// Decides the commit against the registry's `head` (`current`) when it is ahead of this
 /// node, and against this node's HEAD (the plan `next`) when the registry has nothing newer.
-fn plan(record: &VolumeRecord, local: Option<&Head>, current: Option<&RemoteVersion>, next: &NextHead) -> Step {
+fn plan(
+    record: &VolumeRecord,
+    layer: &LayerId,
+    local: Option<&Head>,
+    current: Option<&RemoteVersion>,
+    next: &NextHead,
+) -> Step {
     let head = match next {
         // A retry after this node's HEAD was written: the manifest went up before it.
         NextHead::Decided(done @ Advanced::Committed { .. }) => return Step::Done(done.clone()),
         NextHead::Decided(stale) => Err(stale),
         NextHead::Write(head) => Ok(head),
     };
+    // Every version adds one layer on top, so the change's version is head's minus the layers
+    // above it.
+    if let Some(c) = current {
+        if let Some(at) = c.layers.iter().position(|l| &l.id == layer) {
+            let above = (c.layers.len() - at - 1) as u64;
+            return Step::Published { version: c.version.saturating_sub(above), depth: at + 1 };
+        }
+    }
     let ahead = match (current, local) {
         (None, _) => None,
         (Some(c), None) => Some(c),
@@ -684,6 +700,11 @@ mod tests {
         .unwrap()
     }
 
+    /// `plan` for a change whose promoted layer is `new` (the tests' naming).
+    fn plan_for(record: &VolumeRecord, local: Option<&Head>, current: Option<&RemoteVersion>, next: &NextHead) -> Step {
+        plan(record, &id("new"), local, current, next)
+    }
+
     fn push(version: u64, layers: &[&str], write_local: bool) -> Step {
         Step::Push { version, lineage: "l1".into(), layers: layers.iter().map(|l| id(l)).collect(), write_local }
     }
@@ -691,7 +712,7 @@ mod tests {
     #[test]
     fn a_first_publish_puts_version_one_of_its_layer() {
         let next = NextHead::Write(head(1, "l1", &["new"]));
-        assert_eq!(plan(&record(0, "", OnStale::Skip), None, None, &next), push(1, &["new"], true));
+        assert_eq!(plan_for(&record(0, "", OnStale::Skip), None, None, &next), push(1, &["new"], true));
     }
 
     #[test]
@@ -699,7 +720,7 @@ mod tests {
         let local = head(3, "l1", &["sq"]);
         let current = remote(3, "l1", &["a", "b"]);
         let next = NextHead::Write(head(4, "l1", &["sq", "new"]));
-        let step = plan(&record(3, "l1", OnStale::Skip), Some(&local), Some(&current), &next);
+        let step = plan_for(&record(3, "l1", OnStale::Skip), Some(&local), Some(&current), &next);
         assert_eq!(step, push(4, &["a", "b", "new"], true));
     }
 
@@ -708,9 +729,9 @@ mod tests {
         let local = head(3, "l1", &["a"]);
         let current = remote(4, "l1", &["a", "c"]);
         let next = NextHead::Write(head(4, "l1", &["a", "new"]));
-        let stale = plan(&record(3, "l1", OnStale::Skip), Some(&local), Some(&current), &next);
+        let stale = plan_for(&record(3, "l1", OnStale::Skip), Some(&local), Some(&current), &next);
         assert_eq!(stale, Step::Done(Advanced::Stale { base: 3, current: 4, other_lifetime: false }));
-        let stacked = plan(&record(3, "l1", OnStale::Stack), Some(&local), Some(&current), &next);
+        let stacked = plan_for(&record(3, "l1", OnStale::Stack), Some(&local), Some(&current), &next);
         assert_eq!(stacked, push(5, &["a", "c", "new"], false));
     }
 
@@ -719,7 +740,7 @@ mod tests {
         let local = head(3, "l1", &["a"]);
         let current = remote(1, "l2", &["z"]);
         let next = NextHead::Write(head(4, "l1", &["a", "new"]));
-        let step = plan(&record(3, "l1", OnStale::Stack), Some(&local), Some(&current), &next);
+        let step = plan_for(&record(3, "l1", OnStale::Stack), Some(&local), Some(&current), &next);
         assert_eq!(step, Step::Done(Advanced::Stale { base: 3, current: 1, other_lifetime: true }));
     }
 
@@ -728,15 +749,29 @@ mod tests {
         let local = head(3, "l1", &["a", "b"]);
         let current = remote(2, "l1", &["a"]);
         let next = NextHead::Write(head(4, "l1", &["a", "b", "new"]));
-        let step = plan(&record(3, "l1", OnStale::Skip), Some(&local), Some(&current), &next);
+        let step = plan_for(&record(3, "l1", OnStale::Skip), Some(&local), Some(&current), &next);
         assert_eq!(step, push(4, &["a", "b", "new"], true));
+    }
+
+    #[test]
+    fn a_retry_after_the_manifest_went_up_is_committed_not_stale() {
+        // The registry took v4 with the change; this node's HEAD is still v3.
+        let local = head(3, "l1", &["a"]);
+        let current = remote(4, "l1", &["a", "new"]);
+        let next = NextHead::Write(head(4, "l1", &["a", "new"]));
+        let step = plan_for(&record(3, "l1", OnStale::Skip), Some(&local), Some(&current), &next);
+        assert_eq!(step, Step::Published { version: 4, depth: 2 });
+        // And another node has published on top of it since.
+        let later = remote(5, "l1", &["a", "new", "c"]);
+        let step = plan_for(&record(3, "l1", OnStale::Skip), Some(&local), Some(&later), &next);
+        assert_eq!(step, Step::Published { version: 4, depth: 2 });
     }
 
     #[test]
     fn a_retry_after_this_nodes_head_was_written_is_done() {
         let done = Advanced::Committed { version: 4, depth: 2 };
         let current = remote(4, "l1", &["a", "new"]);
-        let step = plan(&record(3, "l1", OnStale::Skip), None, Some(&current), &NextHead::Decided(done.clone()));
+        let step = plan_for(&record(3, "l1", OnStale::Skip), None, Some(&current), &NextHead::Decided(done.clone()));
         assert_eq!(step, Step::Done(done));
     }
 }

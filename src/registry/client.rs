@@ -641,11 +641,27 @@ impl Registry {
                 actual: meta.len(),
             });
         }
+        if let Some(placed) = self.place_blob(key, blob, also_in).await? {
+            return Ok(placed);
+        }
+        let (repo, target) = (self.location(key), self.untagged(key));
+        self.upload(&repo, &target, path, blob).await?;
+        Ok(BlobPush::Uploaded)
+    }
+
+    /// Makes the blob present in the cache's repository without uploading it: `Present` when
+    /// it is there, `Mounted` from a repository of `also_in` that has it, `None` when neither.
+    pub async fn place_blob(
+        &self,
+        key: &CacheKey,
+        blob: &Blob,
+        also_in: &[CacheKey],
+    ) -> Result<Option<BlobPush>, ClientError> {
         let repo = self.location(key);
         let target = self.untagged(key);
         let check = Op { repo: &repo, what: format!("checking blob {}", blob.digest) };
         if self.call(&check, self.oci.blob_exists(&target, &blob.digest)).await? {
-            return Ok(BlobPush::Present);
+            return Ok(Some(BlobPush::Present));
         }
         for other in also_in.iter().filter(|o| *o != key) {
             let source = self.untagged(other);
@@ -655,7 +671,7 @@ impl Registry {
                 // only the blob being there counts.
                 Ok(()) => {
                     if self.call(&check, self.oci.blob_exists(&target, &blob.digest)).await? {
-                        return Ok(BlobPush::Mounted);
+                        return Ok(Some(BlobPush::Mounted));
                     }
                 }
                 // A registry that is down fails the upload too, with a better message.
@@ -663,8 +679,7 @@ impl Registry {
                 Err(e) => tracing::debug!(error = %e, "cross-repository mount refused; trying the next"),
             }
         }
-        self.upload(&repo, &target, path, blob).await?;
-        Ok(BlobPush::Uploaded)
+        Ok(None)
     }
 
     /// Streams the file into one PUT, aborting when the uploader has taken no byte for the
