@@ -774,7 +774,7 @@ impl Engine {
         let waited = started.elapsed();
         let held = guard.ensure_held().map_err(|source| OpsError::Lock { volume: id.clone(), source });
         let advanced = match held {
-            Ok(()) => self.advance_remote(&record, &promoted).await,
+            Ok(()) => self.advance_remote(&record, &promoted, guard.as_ref()).await,
             Err(e) => Err(e),
         };
         // Released only now that the HEAD write it protects has finished (or failed).

@@ -224,6 +224,7 @@ impl Engine {
             }
             let version = RemoteVersion { version: local.version, lineage: local.lineage.clone(), layers };
             let tags = [format!("v{}", local.version), HEAD_TAG.to_string()];
+            guard.ensure_held().map_err(|source| OpsError::CacheLock { cache: key.clone(), source })?;
             let digest = registry.put_version(key, &version, &tags).await.map_err(|e| remote_err(key, e))?;
             remote.saw(key, &digest, &version);
             Ok(Pushed::Head { version: local.version, digest })
@@ -454,6 +455,7 @@ impl Engine {
         &self,
         record: &VolumeRecord,
         promoted: &Promoted,
+        guard: &dyn crate::lock::LockGuard,
     ) -> Result<Advanced, OpsError> {
         let Some(remote) = self.remote.clone() else {
             let (this, rec, pro) = (self.clone(), record.clone(), promoted.clone());
@@ -488,6 +490,9 @@ impl Engine {
         }
         let manifest = RemoteVersion { version: number, lineage, layers };
         let tags = [format!("v{number}"), HEAD_TAG.to_string()];
+        // The registry calls above may have outlasted a Lease whose renewals failed: a lost
+        // lock never moves head (another node may be moving it now).
+        guard.ensure_held().map_err(|source| OpsError::Lock { volume: record.id.clone(), source })?;
         let digest = registry.put_version(key, &manifest, &tags).await.map_err(|e| remote_err(key, e))?;
         remote.saw(key, &digest, &manifest);
         tracing::info!(remote.version = number, manifest.digest = %digest, "registry head moved");
