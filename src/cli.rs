@@ -780,7 +780,7 @@ async fn release_command(engine: Engine, args: ReleaseArgs) -> Result<ExitCode, 
         .volume_at(&path)
         .await?
         .ok_or_else(|| CliError::Usage(format!("no jobcachefs volume is mounted at {}", path.display())))?;
-    let released = engine.release(&volume.id, !args.no_publish).await?;
+    let released = release_through_registry(&engine, &volume.id, !args.no_publish).await?;
     let line = match released {
         Some(r) => {
             let no_publish = Policy { publish: volume.policy.publish && !args.no_publish, ..volume.policy.clone() };
